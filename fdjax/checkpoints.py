@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = 'checkpoints'
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -28,14 +28,14 @@ def create_manager(
   max_to_keep: int | None = 3,
   enable_async: bool = True,
 ) -> ocp.CheckpointManager:
-  """An orbax CheckpointManager for `workdir/checkpoints` (items state, meta)."""
+  """An orbax CheckpointManager for `workdir/checkpoints`."""
   options = ocp.CheckpointManagerOptions(
     max_to_keep=max_to_keep,
     create=True,
     enable_async_checkpointing=enable_async,
   )
   return ocp.CheckpointManager(
-    checkpoint_dir(workdir), options=options, item_names=("state", "meta")
+    checkpoint_dir(workdir), options=options, item_names=('state', 'meta')
   )
 
 
@@ -79,7 +79,7 @@ def restore(
   """
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    raise FileNotFoundError(f'no checkpoint in {manager.directory}')
   state_args = (
     ocp.args.StandardRestore(target)
     if target is not None
@@ -110,9 +110,9 @@ def load_variables(workdir: str, step: int | None = None):
   state, meta = restore(manager, step)
   manager.close()
   variables = {
-    "params": state["params"],
-    "batch_stats": state.get("batch_stats", {}),
+    'params': state['params'],
+    'batch_stats': state.get('batch_stats', {}),
   }
   variables = jax.tree.map(np.asarray, variables)
-  logging.info("Loaded variables from %s at step %s", workdir, step)
+  logging.info('Loaded variables from %s at step %s', workdir, step)
   return variables, meta, step

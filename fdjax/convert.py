@@ -34,24 +34,24 @@ from fdjax import models
 # The original's model classes and the fdjax model settings they correspond
 # to (nets.py of the original release).
 ARCHS = {
-  "ResNet": dict(arch="resnet", denoise_placement="none"),
-  "ResNetDenoise": dict(
-    arch="resnet",
-    denoise_placement="stage",
-    denoise_op="non_local",
-    denoise_affinity="gaussian",
+  'ResNet': dict(arch='resnet', denoise_placement='none'),
+  'ResNetDenoise': dict(
+    arch='resnet',
+    denoise_placement='stage',
+    denoise_op='non_local',
+    denoise_affinity='gaussian',
     denoise_embed=True,
   ),
-  "ResNeXtDenoiseAll": dict(
-    arch="resnext",
-    denoise_placement="all",
-    denoise_op="non_local",
-    denoise_affinity="dot_product",
+  'ResNeXtDenoiseAll': dict(
+    arch='resnext',
+    denoise_placement='all',
+    denoise_op='non_local',
+    denoise_affinity='dot_product',
     denoise_embed=False,
   ),
 }
 
-_GROUP_BLOCK = re.compile(r"^group(\d+)_block(\d+)(_non_local)?$")
+_GROUP_BLOCK = re.compile(r'^group(\d+)_block(\d+)(_non_local)?$')
 
 
 def model_settings(arch: str, depth: int, num_classes: int = 1000) -> dict:
@@ -70,13 +70,13 @@ def model_settings(arch: str, depth: int, num_classes: int = 1000) -> dict:
   """
   if arch not in ARCHS:
     raise ValueError(
-      f"arch={arch!r} is not valid; choose one of: {', '.join(ARCHS)}"
+      f'arch={arch!r} is not valid; choose one of: {", ".join(ARCHS)}'
     )
   return dict(
     ARCHS[arch],
     depth=int(depth),
     num_classes=int(num_classes),
-    normalization="tensorpack",
+    normalization='tensorpack',
   )
 
 
@@ -103,30 +103,30 @@ def tensorpack_name(path: tuple[str, ...]) -> str:
   for module in modules:
     match = _GROUP_BLOCK.match(module)
     if match:
-      parts += [f"group{match[1]}", f"block{match[2]}"]
+      parts += [f'group{match[1]}', f'block{match[2]}']
       if match[3]:
-        parts.append("non_local")
-    elif module.endswith("_bn"):
-      parts += [module[: -len("_bn")], "bn"]
+        parts.append('non_local')
+    elif module.endswith('_bn'):
+      parts += [module[: -len('_bn')], 'bn']
     else:
       parts.append(module)
-  is_bn = bool(modules) and modules[-1].endswith("_bn")
-  if collection == "batch_stats":
-    leaf_name = {"mean": "mean/EMA", "var": "variance/EMA"}[leaf]
+  is_bn = bool(modules) and modules[-1].endswith('_bn')
+  if collection == 'batch_stats':
+    leaf_name = {'mean': 'mean/EMA', 'var': 'variance/EMA'}[leaf]
   elif is_bn:
-    leaf_name = {"scale": "gamma", "bias": "beta"}[leaf]
+    leaf_name = {'scale': 'gamma', 'bias': 'beta'}[leaf]
   else:
-    leaf_name = {"kernel": "W", "bias": "b"}[leaf]
-  return "/".join(parts + [leaf_name])
+    leaf_name = {'kernel': 'W', 'bias': 'b'}[leaf]
+  return '/'.join(parts + [leaf_name])
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
   with np.load(path, allow_pickle=False) as data:
     arrays = {}
     for key in data.files:
-      name = key[:-2] if key.endswith(":0") else key
+      name = key[:-2] if key.endswith(':0') else key
       if name in arrays:
-        raise ValueError(f"{path}: variable {name!r} appears twice")
+        raise ValueError(f'{path}: variable {name!r} appears twice')
       arrays[name] = data[key]
   return arrays
 
@@ -155,27 +155,27 @@ def convert_variables(
   missing = sorted(expected - set(arrays))
   unexpected = sorted(set(arrays) - expected)
   misshaped = sorted(
-    f"{name}: file {tuple(arrays[name].shape)}, model {flat[path].shape}"
+    f'{name}: file {tuple(arrays[name].shape)}, model {flat[path].shape}'
     for path, name in names.items()
     if name in arrays and tuple(arrays[name].shape) != flat[path].shape
   )
   problems = []
   if missing:
-    problems.append(f"{len(missing)} missing: {', '.join(missing)}")
+    problems.append(f'{len(missing)} missing: {", ".join(missing)}')
   if unexpected:
-    problems.append(f"{len(unexpected)} unexpected: {', '.join(unexpected)}")
+    problems.append(f'{len(unexpected)} unexpected: {", ".join(unexpected)}')
   if misshaped:
-    problems.append(f"{len(misshaped)} mis-shaped: {'; '.join(misshaped)}")
+    problems.append(f'{len(misshaped)} mis-shaped: {"; ".join(misshaped)}')
   if problems:
     raise ValueError(
-      "the weights do not match the model (" + ". ".join(problems) + ")"
+      'the weights do not match the model (' + '. '.join(problems) + ')'
     )
   filled = {
     path: jnp.asarray(arrays[name], dtype=jnp.float32)
     for path, name in names.items()
   }
   variables = flax.traverse_util.unflatten_dict(filled)
-  variables.setdefault("batch_stats", {})
+  variables.setdefault('batch_stats', {})
   return variables
 
 
@@ -200,13 +200,13 @@ def load_tensorpack(
   """
   settings = model_settings(arch, depth)
   arrays = _read_npz(path)
-  if "linear/W" in arrays and arrays["linear/W"].ndim == 2:
-    settings["num_classes"] = int(arrays["linear/W"].shape[1])
+  if 'linear/W' in arrays and arrays['linear/W'].ndim == 2:
+    settings['num_classes'] = int(arrays['linear/W'].shape[1])
   model = models.create_model(**settings)
   try:
     variables = convert_variables(arrays, model)
   except ValueError as e:
-    raise ValueError(f"{path} (arch={arch}, depth={depth}): {e}") from None
+    raise ValueError(f'{path} (arch={arch}, depth={depth}): {e}') from None
   return model, variables
 
 
@@ -225,14 +225,14 @@ def main(argv):
     manager,
     0,
     variables,
-    meta={"model": settings, "source": f.npz},
+    meta={'model': settings, 'source': f.npz},
     force=True,
   )
   manager.wait_until_finished()
   manager.close()
-  num_params = sum(x.size for x in jax.tree.leaves(variables["params"]))
+  num_params = sum(x.size for x in jax.tree.leaves(variables['params']))
   logging.info(
-    "Wrote %s (%s, depth %d, %d parameters) to %s",
+    'Wrote %s (%s, depth %d, %d parameters) to %s',
     f.npz,
     f.arch,
     f.depth,
@@ -240,25 +240,25 @@ def main(argv):
     checkpoints.checkpoint_dir(f.out),
   )
   print(
-    f"converted {f.npz}: {f.arch}-{f.depth}, {num_params:,} parameters -> "
-    f"{checkpoints.checkpoint_dir(f.out)}"
+    f'converted {f.npz}: {f.arch}-{f.depth}, {num_params:,} parameters -> '
+    f'{checkpoints.checkpoint_dir(f.out)}'
   )
 
 
 def _define_flags():
   from absl import flags
 
-  flags.DEFINE_string("npz", None, "tensorpack npz file of the release.")
-  flags.DEFINE_enum("arch", None, list(ARCHS), "the original model class.")
-  flags.DEFINE_integer("depth", None, "network depth: 50, 101 or 152.")
-  flags.DEFINE_string("out", None, "output directory (orbax checkpoint).")
-  flags.mark_flags_as_required(["npz", "arch", "depth", "out"])
+  flags.DEFINE_string('npz', None, 'tensorpack npz file of the release.')
+  flags.DEFINE_enum('arch', None, list(ARCHS), 'the original model class.')
+  flags.DEFINE_integer('depth', None, 'network depth: 50, 101 or 152.')
+  flags.DEFINE_string('out', None, 'output directory (orbax checkpoint).')
+  flags.mark_flags_as_required(['npz', 'arch', 'depth', 'out'])
   flags.register_validator(
-    "depth", lambda d: d in (50, 101, 152), "--depth must be 50, 101 or 152"
+    'depth', lambda d: d in (50, 101, 152), '--depth must be 50, 101 or 152'
   )
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
   from absl import app
 
   _define_flags()

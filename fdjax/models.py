@@ -52,15 +52,15 @@ STAGE_SIZES = {
   101: (3, 4, 23, 3),
   152: (3, 8, 36, 3),
 }
-DENOISE_PLACEMENTS = ("none", "stage", "all")
-NORMALIZATIONS = ("tensorpack", "mean_std")
-STEMS = ("imagenet", "cifar")
+DENOISE_PLACEMENTS = ('none', 'stage', 'all')
+NORMALIZATIONS = ('tensorpack', 'mean_std')
+STEMS = ('imagenet', 'cifar')
 
 # ImageNet RGB statistics on the [0, 1] scale.
 _MEAN_RGB = (0.485, 0.456, 0.406)
 _STDDEV_RGB = (0.229, 0.224, 0.225)
 
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "truncated_normal")
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'truncated_normal')
 linear_init = nn.initializers.normal(stddev=0.01)
 embedding_init = nn.initializers.normal(stddev=0.01)
 
@@ -68,8 +68,8 @@ embedding_init = nn.initializers.normal(stddev=0.01)
 def _check_choice(name: str, value: Any, valid: Sequence[Any]) -> None:
   if value not in valid:
     raise ValueError(
-      f"{name}={value!r} is not valid; choose one of: "
-      + ", ".join(repr(v) for v in valid)
+      f'{name}={value!r} is not valid; choose one of: '
+      + ', '.join(repr(v) for v in valid)
     )
 
 
@@ -90,8 +90,8 @@ class DenoisingBlock(nn.Module):
     norm: BatchNorm constructor (set by the network).
   """
 
-  op: str = "non_local"
-  affinity: str = "gaussian"
+  op: str = 'non_local'
+  affinity: str = 'gaussian'
   embed: bool = True
   size: int = 3
   use_conv: bool = True
@@ -112,19 +112,19 @@ class DenoisingBlock(nn.Module):
     if self.embed and denoise.uses_embedding(self.op):
       if channels % 2:
         raise ValueError(
-          f"embed=True needs an even channel count, got {channels}"
+          f'embed=True needs an even channel count, got {channels}'
         )
       theta = conv(
         channels // 2,
         (1, 1),
         kernel_init=embedding_init,
-        name="embedding_theta",
+        name='embedding_theta',
       )(x)
       phi = conv(
         channels // 2,
         (1, 1),
         kernel_init=embedding_init,
-        name="embedding_phi",
+        name='embedding_phi',
       )(x)
     y = denoise.apply(
       self.op,
@@ -135,8 +135,8 @@ class DenoisingBlock(nn.Module):
       phi=phi,
     )
     if self.use_conv:
-      y = conv(channels, (1, 1), name="conv")(y)
-    y = norm(scale_init=nn.initializers.zeros, name="conv_bn")(y)
+      y = conv(channels, (1, 1), name='conv')(y)
+    y = norm(scale_init=nn.initializers.zeros, name='conv_bn')(y)
     return x + y if self.residual else y
 
 
@@ -153,27 +153,27 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     conv, norm = self.conv, self.norm
-    y = conv(self.width, (1, 1), name="conv1")(x)
-    y = nn.relu(norm(name="conv1_bn")(y))
+    y = conv(self.width, (1, 1), name='conv1')(x)
+    y = nn.relu(norm(name='conv1_bn')(y))
     y = conv(
       self.width,
       (3, 3),
       strides=self.strides,
       feature_group_count=self.groups,
-      name="conv2",
+      name='conv2',
     )(y)
-    y = nn.relu(norm(name="conv2_bn")(y))
-    y = conv(self.out_channels, (1, 1), name="conv3")(y)
-    y = norm(scale_init=nn.initializers.zeros, name="conv3_bn")(y)
+    y = nn.relu(norm(name='conv2_bn')(y))
+    y = conv(self.out_channels, (1, 1), name='conv3')(y)
+    y = norm(scale_init=nn.initializers.zeros, name='conv3_bn')(y)
     shortcut = x
     if x.shape[-1] != self.out_channels:
       shortcut = conv(
         self.out_channels,
         (1, 1),
         strides=self.strides,
-        name="convshortcut",
+        name='convshortcut',
       )(x)
-      shortcut = norm(name="convshortcut_bn")(shortcut)
+      shortcut = norm(name='convshortcut_bn')(shortcut)
     return nn.relu(y + shortcut)
 
 
@@ -204,11 +204,11 @@ class ResNet(nn.Module):
   num_filters: int = 64
   groups: int = 1
   width_per_group: int = 64
-  stem: str = "imagenet"
-  normalization: str = "tensorpack"
-  denoise_placement: str = "none"
-  denoise_op: str = "non_local"
-  denoise_affinity: str = "gaussian"
+  stem: str = 'imagenet'
+  normalization: str = 'tensorpack'
+  denoise_placement: str = 'none'
+  denoise_op: str = 'non_local'
+  denoise_affinity: str = 'gaussian'
   denoise_embed: bool = True
   denoise_size: int = 3
   denoise_use_conv: bool = True
@@ -220,7 +220,7 @@ class ResNet(nn.Module):
     if x.dtype == jnp.uint8:
       x = x.astype(jnp.float32) / 255.0
     x = x.astype(jnp.float32)
-    if self.normalization == "tensorpack":
+    if self.normalization == 'tensorpack':
       x = x[..., ::-1] * 2.0 - 1.0
     else:
       x = (x - jnp.asarray(_MEAN_RGB)) / jnp.asarray(_STDDEV_RGB)
@@ -242,16 +242,16 @@ class ResNet(nn.Module):
     Returns:
       Logits [N, num_classes] in float32, or `(logits, features)`.
     """
-    _check_choice("stem", self.stem, STEMS)
-    _check_choice("normalization", self.normalization, NORMALIZATIONS)
+    _check_choice('stem', self.stem, STEMS)
+    _check_choice('normalization', self.normalization, NORMALIZATIONS)
     _check_choice(
-      "denoise_placement", self.denoise_placement, DENOISE_PLACEMENTS
+      'denoise_placement', self.denoise_placement, DENOISE_PLACEMENTS
     )
-    if self.denoise_placement != "none":
+    if self.denoise_placement != 'none':
       denoise.get(self.denoise_op)  # Fails early with the valid names.
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(
-        f"expected images [N, H, W, 3] (NHWC RGB), got shape {x.shape}"
+        f'expected images [N, H, W, 3] (NHWC RGB), got shape {x.shape}'
       )
     conv = functools.partial(
       nn.Conv,
@@ -259,7 +259,7 @@ class ResNet(nn.Module):
       dtype=self.dtype,
       param_dtype=jnp.float32,
       kernel_init=conv_init,
-      padding="SAME",
+      padding='SAME',
     )
     norm = functools.partial(
       nn.BatchNorm,
@@ -285,17 +285,17 @@ class ResNet(nn.Module):
 
     def denoise_block(y, name):
       out = make_denoise(name=name)(y)
-      features[name] = {"before": y, "after": out}
+      features[name] = {'before': y, 'after': out}
       return out
 
     x = self._normalize(x)
-    if self.stem == "imagenet":
-      x = conv(self.num_filters, (7, 7), strides=2, name="conv0")(x)
-      x = nn.relu(norm(name="conv0_bn")(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    if self.stem == 'imagenet':
+      x = conv(self.num_filters, (7, 7), strides=2, name='conv0')(x)
+      x = nn.relu(norm(name='conv0_bn')(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
     else:
-      x = conv(self.num_filters, (3, 3), name="conv0")(x)
-      x = nn.relu(norm(name="conv0_bn")(x))
+      x = conv(self.num_filters, (3, 3), name='conv0')(x)
+      x = nn.relu(norm(name='conv0_bn')(x))
 
     for g, num_blocks in enumerate(self.stage_sizes):
       out_channels = self.num_filters * 4 * 2**g
@@ -311,12 +311,12 @@ class ResNet(nn.Module):
           groups=self.groups,
           conv=conv,
           norm=norm,
-          name=f"group{g}_block{b}",
+          name=f'group{g}_block{b}',
         )(x)
-        if self.denoise_placement == "all":
-          x = denoise_block(x, f"group{g}_block{b}_non_local")
-      if self.denoise_placement == "stage":
-        x = denoise_block(x, f"group{g}_denoise")
+        if self.denoise_placement == 'all':
+          x = denoise_block(x, f'group{g}_block{b}_non_local')
+      if self.denoise_placement == 'stage':
+        x = denoise_block(x, f'group{g}_denoise')
 
     x = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(
@@ -324,7 +324,7 @@ class ResNet(nn.Module):
       dtype=self.dtype,
       param_dtype=jnp.float32,
       kernel_init=linear_init,
-      name="linear",
+      name='linear',
     )(x)
     logits = logits.astype(jnp.float32)
     if return_features:
@@ -340,15 +340,15 @@ ResNeXt101_32x8d = functools.partial(
 )
 # A tiny network with the real code path, for tests and CPU smoke runs.
 _ResNetTiny = functools.partial(
-  ResNet, stage_sizes=(1, 1), num_filters=4, stem="cifar"
+  ResNet, stage_sizes=(1, 1), num_filters=4, stem='cifar'
 )
 
-ARCHS = ("resnet", "resnext")
+ARCHS = ('resnet', 'resnext')
 
 
 def create_model(
   *,
-  arch: str = "resnet",
+  arch: str = 'resnet',
   depth: int = 50,
   num_classes: int = 1000,
   dtype: Any = jnp.float32,
@@ -376,26 +376,26 @@ def create_model(
     >>> model.stage_sizes
     (3, 8, 36, 3)
   """
-  _check_choice("arch", arch, ARCHS)
-  if "stage_sizes" in kwargs and kwargs["stage_sizes"] is not None:
-    kwargs["stage_sizes"] = tuple(kwargs["stage_sizes"])
+  _check_choice('arch', arch, ARCHS)
+  if 'stage_sizes' in kwargs and kwargs['stage_sizes'] is not None:
+    kwargs['stage_sizes'] = tuple(kwargs['stage_sizes'])
   else:
-    kwargs.pop("stage_sizes", None)
+    kwargs.pop('stage_sizes', None)
     if STAGE_SIZES.get(depth) is None:
       raise ValueError(
-        f"depth={depth!r} is not valid; choose one of: 50, 101, 152 "
-        "(or give stage_sizes)"
+        f'depth={depth!r} is not valid; choose one of: 50, 101, 152 '
+        '(or give stage_sizes)'
       )
-    kwargs["stage_sizes"] = STAGE_SIZES[depth]
-  if arch == "resnext":
-    kwargs.setdefault("groups", 32)
-    kwargs.setdefault("width_per_group", 8)
+    kwargs['stage_sizes'] = STAGE_SIZES[depth]
+  if arch == 'resnext':
+    kwargs.setdefault('groups', 32)
+    kwargs.setdefault('width_per_group', 8)
   if isinstance(dtype, str):
     dtype = jnp.dtype(dtype)
-  valid = set(ResNet.__dataclass_fields__) - {"parent", "name"}
+  valid = set(ResNet.__dataclass_fields__) - {'parent', 'name'}
   unknown = sorted(set(kwargs) - valid)
   if unknown:
     raise ValueError(
-      f"unknown model option(s) {unknown}; valid: {sorted(valid)}"
+      f'unknown model option(s) {unknown}; valid: {sorted(valid)}'
     )
   return ResNet(num_classes=num_classes, dtype=dtype, **kwargs)
