@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fdjax import attacks
 from fdjax import checkpoints
 from fdjax import convert
 from fdjax import models
@@ -390,3 +391,57 @@ def test_wrong_arch_or_depth_for_a_file(synthetic_npz):
   assert 'unexpected' not in message
   with pytest.raises(ValueError, match=r'missing: .*group2/block22/conv3/W'):
     convert.load_tensorpack(str(path), arch='ResNet', depth=101)
+
+
+def test_paper_protocol_end_to_end_on_a_converted_model(synthetic_npz):
+  """The original's targeted PGD on a converted R50-Denoise, step by step."""
+  path, _ = synthetic_npz('ResNetDenoise')
+  model, variables = convert.load_tensorpack(
+    str(path), arch='ResNetDenoise', depth=50
+  )
+  images = jax.random.uniform(jax.random.key(3), (4, 32, 32, 3))
+  labels = jnp.array([0, 1, 2, 999])
+  ids = jnp.arange(4) + 100
+  logits_fn = lambda x: model.apply(variables, x, train=False)
+  eps, num_steps = attacks.PAPER_EPSILON, 2
+  adv, targets = jax.jit(
+    lambda k, x, y: attacks.targeted_pgd(
+      logits_fn,
+      k,
+      x,
+      y,
+      num_classes=1000,
+      num_steps=num_steps,
+      example_ids=ids,
+    )
+  )(jax.random.key(7), images, labels)
+
+  # The same protocol written out: random targets, uniform start in the
+  # ball (not clipped), step max(1/255, eps/steps) = 8/255 down the sign of
+  # the target cross-entropy's gradient, clip to the ball and [0, 1].
+  key_targets, key_start = jax.random.split(jax.random.key(7))
+  np.testing.assert_array_equal(
+    targets, attacks.random_targets(key_targets, labels, 1000, ids)
+  )
+  assert np.all(np.asarray(targets) != np.asarray(labels))
+  step = max(1 / 255, eps / num_steps)
+  x = np.asarray(images, np.float32)
+  lo, hi = np.clip(x - eps, 0, 1), np.clip(x + eps, 0, 1)
+  noise = eps * jnp.stack([
+    jax.random.uniform(
+      jax.random.fold_in(key_start, int(i)), images.shape[1:],
+      minval=-1.0, maxval=1.0,
+    )
+    for i in ids
+  ])  # fmt: skip
+  adv_ref = x + np.asarray(noise)
+
+  def target_loss(z):
+    return attacks.example_losses(logits_fn(z), targets, 'xent').sum()
+
+  for _ in range(num_steps):
+    g = np.asarray(jax.grad(target_loss)(jnp.asarray(adv_ref)))
+    adv_ref = np.clip(adv_ref - step * np.sign(g), lo, hi)
+  np.testing.assert_allclose(adv, adv_ref, atol=1e-6)
+  assert np.abs(np.asarray(adv) - x).max() <= eps + 1e-6
+  assert float(target_loss(adv)) < float(target_loss(images))
