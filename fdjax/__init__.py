@@ -1,0 +1,43 @@
+"""fdjax: Feature Denoising for Improving Adversarial Robustness in JAX.
+
+The public face (implementation details live in the submodules):
+
+- `fdjax.denoise`: pure denoising ops (non-local means, bilateral, mean,
+  median, null) and their registry.
+- `fdjax.models`: `DenoisingBlock`, `ResNet`, `create_model`.
+- `fdjax.attacks`: `pgd`, `fgsm`, `targeted_pgd`, `random_targets`.
+- `fdjax.convert`: `load_tensorpack` for the original released weights.
+- `fdjax.parallel`, `fdjax.train`, `fdjax.evaluate`, `fdjax.input_pipeline`.
+"""
+
+from fdjax import attacks
+from fdjax import convert
+from fdjax import denoise
+from fdjax import models
+from fdjax import parallel
+from fdjax.attacks import fgsm
+from fdjax.attacks import pgd
+from fdjax.attacks import random_targets
+from fdjax.attacks import targeted_pgd
+from fdjax.convert import load_tensorpack
+from fdjax.models import DenoisingBlock
+from fdjax.models import ResNet
+from fdjax.models import create_model
+
+__version__ = '0.1.0'
+
+__all__ = (
+  'DenoisingBlock',
+  'ResNet',
+  'attacks',
+  'convert',
+  'create_model',
+  'denoise',
+  'fgsm',
+  'load_tensorpack',
+  'models',
+  'parallel',
+  'pgd',
+  'random_targets',
+  'targeted_pgd',
+)

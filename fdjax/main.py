@@ -1,0 +1,114 @@
+r"""fdjax's entry point: train, evaluate or predict from a config.
+
+  python -m fdjax.main --config=configs/default.py --workdir=/tmp/fdjax
+  python -m fdjax.main --config=configs/imagenet.py:r152_denoise \
+      --workdir=gs://bucket/r152d --config.train.global_batch_size=1024
+  python -m fdjax.main --mode=eval --config=configs/imagenet.py:r152_denoise \
+      --workdir=/tmp/r152_denoise   # e.g. a `fdjax.convert` output
+  python -m fdjax.main --mode=predict --config=configs/imagenet.py:r152 \
+      --workdir=/tmp/r152 --image_dir=imgs/ --output_csv=predictions.csv
+
+Rerunning a training command with the same --workdir resumes from the newest
+checkpoint. Multi-host: pass --coordinator_address/--num_processes/
+--process_id, or let `jax.distributed.initialize()` detect Cloud TPU and
+SLURM (--distributed=auto); see launch/.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+  'config',
+  None,
+  'Experiment config file (configs/*.py[:variant]).',
+  lock_config=True,
+)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
+flags.DEFINE_enum(
+  'mode',
+  'train',
+  ['train', 'eval', 'predict'],
+  'train (then evaluate), eval (a workdir/checkpoint) or predict (a '
+  'directory of images to a CSV).',
+)
+flags.DEFINE_string('image_dir', None, '--mode=predict: images to classify.')
+flags.DEFINE_string('output_csv', None, '--mode=predict: the CSV to write.')
+flags.DEFINE_enum(
+  'distributed',
+  'off',
+  ['off', 'auto', 'explicit'],
+  'jax.distributed: off (one process), auto (Cloud TPU / SLURM detection) '
+  'or explicit (the three flags below).',
+)
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _init_distributed():
+  import jax
+
+  if FLAGS.distributed == 'auto':
+    jax.distributed.initialize()
+  elif FLAGS.distributed == 'explicit':
+    missing = [
+      name
+      for name in ('coordinator_address', 'num_processes', 'process_id')
+      if getattr(FLAGS, name) is None
+    ]
+    if missing:
+      raise app.UsageError(
+        '--distributed=explicit needs --' + ', --'.join(missing)
+      )
+    jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+    )
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # TensorFlow (if installed, for tfds) must not grab accelerators.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  try:
+    import tensorflow as tf  # pytype: disable=import-error
+
+    tf.config.set_visible_devices([], 'GPU')
+    tf.config.set_visible_devices([], 'TPU')
+  except (ImportError, RuntimeError, ValueError):
+    pass
+  _init_distributed()
+  import jax
+
+  from fdjax import evaluate
+  from fdjax import train
+
+  logging.info(
+    'JAX process %d/%d, local devices %s',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_devices(),
+  )
+  config = FLAGS.config
+  if FLAGS.mode == 'train':
+    train.train_and_evaluate(config, FLAGS.workdir)
+  elif FLAGS.mode == 'eval':
+    evaluate.run(config, FLAGS.workdir)
+  else:
+    if not FLAGS.image_dir or not FLAGS.output_csv:
+      raise app.UsageError('--mode=predict needs --image_dir and --output_csv')
+    evaluate.run_predict(
+      config, FLAGS.workdir, FLAGS.image_dir, FLAGS.output_csv
+    )
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,626 @@
+"""Adversarial training: the data-parallel train step and the training loop.
+
+The train step follows the paper (SPEC.md section 5): every device attacks
+its own shard with targeted L-inf PGD (BatchNorm frozen during the attack, a
+clean start with probability 0.2 per device batch), then trains on the
+adversarial batch with cross-entropy (label smoothing 0.1) plus weight decay
+on the conv and linear kernels, Nesterov momentum SGD, gradients averaged
+across devices and BatchNorm statistics computed per device (or synchronised).
+
+`train_and_evaluate(config, workdir)` runs the whole job: it resumes from the
+newest checkpoint in `workdir` (same data order and randomness as an
+uninterrupted run), writes TensorBoard and JSON-lines metrics, stops with a
+clear message on a non-finite loss, then evaluates clean and PGD accuracy.
+"""
+
+from collections.abc import Callable
+import functools
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from fdjax import attacks
+from fdjax import checkpoints
+from fdjax import input_pipeline
+from fdjax import models
+from fdjax import parallel
+from fdjax import writers
+
+P = jax.sharding.PartitionSpec
+LR_SCHEDULES = ('step', 'cosine')
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue: checkpointed whole."""
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # Raw key data (uint32), so that checkpoints can hold it.
+
+  @property
+  def variables(self):
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+
+def model_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`models.create_model` kwargs from a config's `model` section."""
+  kwargs = dict(model_config.to_dict() if model_config else {})
+  if kwargs.pop('sync_batch_stats', False):
+    kwargs['bn_axis_name'] = parallel.AXIS
+  if kwargs.get('stage_sizes') is None:
+    kwargs.pop('stage_sizes', None)
+  return kwargs
+
+
+def create_model(
+  model_config: ml_collections.ConfigDict, num_classes: int
+) -> models.ResNet:
+  return models.create_model(
+    num_classes=num_classes, **model_kwargs(model_config)
+  )
+
+
+def create_learning_rate_fn(
+  train_config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.Schedule:
+  """The learning rate: base * batch / 256, linear warmup, step or cosine.
+
+  Args:
+    train_config: the config's `train` section.
+    steps_per_epoch: optimizer steps per epoch.
+
+  Returns:
+    An optax schedule of the step.
+
+  Raises:
+    ValueError: an unknown schedule.
+  """
+  tc = train_config
+  if tc.lr_schedule not in LR_SCHEDULES:
+    raise ValueError(
+      f'train.lr_schedule={tc.lr_schedule!r} is not valid; choose one '
+      f'of: {", ".join(LR_SCHEDULES)}'
+    )
+  peak = tc.base_lr * tc.global_batch_size / 256
+  total = total_steps(tc, steps_per_epoch)
+  warmup = int(round(tc.warmup_epochs * steps_per_epoch))
+  warmup = min(warmup, max(total - 1, 0))
+  if tc.lr_schedule == 'step':
+    boundaries = {
+      int(round(e * steps_per_epoch)) - warmup: tc.decay_factor
+      for e in tc.decay_epochs
+      if int(round(e * steps_per_epoch)) > warmup
+    }
+    main = optax.piecewise_constant_schedule(peak, boundaries)
+  else:
+    main = optax.cosine_decay_schedule(peak, max(total - warmup, 1))
+  if warmup == 0:
+    return main
+  start = min(tc.warmup_start_lr, peak)
+  ramp = optax.linear_schedule(start, peak, warmup)
+  return optax.join_schedules([ramp, main], [warmup])
+
+
+def total_steps(train_config, steps_per_epoch: int) -> int:
+  if train_config.num_steps > 0:
+    return int(train_config.num_steps)
+  return int(round(train_config.num_epochs * steps_per_epoch))
+
+
+def weight_decay_loss(params: Any) -> jax.Array:
+  """sum(w^2) / 2 over conv and linear kernels (not BN, not biases)."""
+  flat = flax.traverse_util.flatten_dict(params)
+  return 0.5 * sum(
+    jnp.sum(jnp.square(w.astype(jnp.float32)))
+    for path, w in flat.items()
+    if path[-1] == 'kernel'
+  )
+
+
+def create_optimizer(
+  train_config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+) -> optax.GradientTransformation:
+  return optax.sgd(
+    learning_rate_fn,
+    momentum=train_config.momentum,
+    nesterov=train_config.nesterov,
+  )
+
+
+def create_train_state(
+  key: jax.Array,
+  model: models.ResNet,
+  image_shape: tuple[int, ...],
+  tx: optax.GradientTransformation,
+) -> TrainState:
+  """Initialises parameters, BatchNorm statistics and optimizer state."""
+  init_key, state_key = jax.random.split(key)
+  variables = model.init(
+    init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False
+  )
+  params = variables['params']
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get('batch_stats', {}),
+    opt_state=tx.init(params),
+    rng=jax.random.key_data(state_key),
+  )
+
+
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  model: models.ResNet,
+  tx: optax.GradientTransformation,
+  learning_rate_fn: optax.Schedule,
+  num_classes: int,
+  attack_config: ml_collections.ConfigDict,
+  train_config: ml_collections.ConfigDict,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One adversarial training step on one device's shard (per-device code).
+
+  Run it through `parallel.data_parallel` (axis 'data'): gradients and the
+  BatchNorm moving averages are averaged over the axis, metrics summed.
+
+  Args:
+    state: the replicated train state.
+    batch: this device's {'image', 'label', 'index'} (global example ids).
+    model: the network.
+    tx: the optimizer.
+    learning_rate_fn: for the logged learning rate.
+    num_classes: classifier outputs (for random targets).
+    attack_config: the config's `attack` section (static).
+    train_config: the config's `train` section (static).
+
+  Returns:
+    The new state and a dict of metrics summed over devices (`count` holds
+    the number of examples, so `metric / count` are means).
+  """
+  ac, tc = attack_config, train_config
+  images = batch['image']
+  if images.dtype == jnp.uint8:
+    images = images.astype(jnp.float32) / 255.0
+  labels = batch['label']
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  attack_key, target_key, coin_key = jax.random.split(key, 3)
+  device_index = jax.lax.axis_index(parallel.AXIS)
+
+  # The attack sees the model in inference mode: moving BN statistics, no
+  # updates (the original froze BN's update ops during the attack).
+  def logits_fn(x):
+    return model.apply(state.variables, x, train=False)
+
+  if ac.num_steps > 0:
+    if ac.targeted:
+      attack_labels = attacks.random_targets(
+        target_key, labels, num_classes, example_ids=batch['index']
+      )
+      step_size = attacks.paper_step_size(
+        ac.epsilon, ac.step_size, ac.num_steps
+      )
+    else:
+      attack_labels, step_size = labels, ac.step_size
+    random_start = attacks.clean_start_coin(
+      coin_key, ac.clean_start_prob, device_index
+    )
+    adv = attacks.pgd(
+      logits_fn,
+      attack_key,
+      images,
+      attack_labels,
+      epsilon=ac.epsilon,
+      step_size=step_size,
+      num_steps=ac.num_steps,
+      targeted=ac.targeted,
+      norm=ac.norm,
+      loss=ac.loss,
+      random_start=random_start,
+      example_ids=batch['index'],
+    )
+    if tc.adv_fraction < 1.0:
+      num_adv = int(round(tc.adv_fraction * images.shape[0]))
+      keep = (jnp.arange(images.shape[0]) < num_adv)[:, None, None, None]
+      adv = jnp.where(keep, adv, images)
+  else:
+    attack_labels, adv = labels, images
+
+  def loss_fn(params):
+    logits, new_model_state = model.apply(
+      {'params': params, 'batch_stats': state.batch_stats},
+      adv,
+      train=True,
+      mutable=['batch_stats'],
+    )
+    one_hot = jax.nn.one_hot(labels, num_classes)
+    targets = optax.smooth_labels(one_hot, tc.label_smoothing)
+    xent = optax.softmax_cross_entropy(logits, targets).mean()
+    loss = xent + tc.weight_decay * weight_decay_loss(params)
+    return loss, (logits, new_model_state['batch_stats'], xent)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, (logits, batch_stats, xent)), grads = grad_fn(state.params)
+  grads = jax.lax.pmean(grads, parallel.AXIS)
+  # Per-device statistics normalise each shard (the original); the moving
+  # averages are averaged so that the state stays replicated.
+  batch_stats = jax.lax.pmean(batch_stats, parallel.AXIS)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  pred = jnp.argmax(logits, -1)
+  count = jnp.asarray(labels.shape[0], jnp.float32)
+  metrics = {
+    'count': count,
+    'loss': loss * count,
+    'xent': xent * count,
+    'adv_accuracy': jnp.sum(pred == labels).astype(jnp.float32),
+  }
+  if ac.num_steps > 0 and ac.targeted:
+    metrics['attack_success'] = jnp.sum(pred == attack_labels).astype(
+      jnp.float32
+    )
+  if tc.log_clean_accuracy and ac.num_steps > 0:
+    clean_pred = jnp.argmax(logits_fn(images), -1)
+    metrics['clean_accuracy'] = jnp.sum(clean_pred == labels).astype(
+      jnp.float32
+    )
+  metrics = jax.lax.psum(metrics, parallel.AXIS)
+  metrics['learning_rate'] = learning_rate_fn(state.step)
+  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['param_norm'] = optax.global_norm(params)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=opt_state,
+  )
+  return new_state, metrics
+
+
+def make_train_step(
+  mesh: jax.sharding.Mesh, backend: str, **step_kwargs
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, Any]]:
+  """The compiled data-parallel train step of global state and batch."""
+  per_device = functools.partial(train_step, **step_kwargs)
+  step = parallel.data_parallel(
+    per_device,
+    mesh=mesh,
+    in_specs=(P(), P(parallel.AXIS)),
+    out_specs=(P(), P()),
+    backend=backend,
+  )
+  if backend == 'shard_map':
+    return jax.jit(step, donate_argnums=0)
+  return step
+
+
+def parameter_overview(params: Any) -> str:
+  """A table of parameter counts per top-level module."""
+  rows = []
+  for name, sub in params.items():
+    leaves = jax.tree.leaves(sub)
+    rows.append((name, sum(x.size for x in leaves)))
+  total = sum(n for _, n in rows)
+  width = max([len(n) for n, _ in rows] + [5])
+  lines = [f'{"module":<{width}}  {"params":>12}']
+  lines += [f'{n:<{width}}  {c:>12,}' for n, c in rows]
+  lines.append(f'{"total":<{width}}  {total:>12,}')
+  return '\n'.join(lines)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails early, with the valid choices, on invalid settings."""
+
+  def choice(name, value, valid):
+    if value not in valid:
+      raise ValueError(
+        f'{name}={value!r} is not valid; choose one of: '
+        + ', '.join(repr(v) for v in valid)
+      )
+
+  choice('train.parallel', config.train.parallel, parallel.BACKENDS)
+  choice('train.lr_schedule', config.train.lr_schedule, LR_SCHEDULES)
+  choice('attack.norm', config.attack.norm, attacks.NORMS)
+  choice('attack.loss', config.attack.loss, attacks.LOSSES)
+  for name in (
+    'global_batch_size',
+    'log_every_steps',
+    'checkpoint_every_steps',
+  ):
+    if config.train[name] <= 0:
+      raise ValueError(
+        f'train.{name} must be positive, got {config.train[name]}'
+      )
+  if config.attack.num_steps < 0 or config.attack.epsilon < 0:
+    raise ValueError('attack.num_steps and attack.epsilon must be >= 0')
+  if not 0.0 <= config.attack.clean_start_prob <= 1.0:
+    raise ValueError(
+      'attack.clean_start_prob must be in [0, 1], got '
+      f'{config.attack.clean_start_prob}'
+    )
+  if not 0.0 <= config.train.adv_fraction <= 1.0:
+    raise ValueError(
+      f'train.adv_fraction must be in [0, 1], got {config.train.adv_fraction}'
+    )
+  # Model options: building the (unbound) module checks names and choices.
+  model = create_model(config.model, num_classes=2)
+  models._check_choice('model.stem', model.stem, models.STEMS)
+  models._check_choice(
+    'model.normalization', model.normalization, models.NORMALIZATIONS
+  )
+  models._check_choice(
+    'model.denoise_placement',
+    model.denoise_placement,
+    models.DENOISE_PLACEMENTS,
+  )
+  if model.denoise_placement != 'none':
+    from fdjax import denoise
+
+    denoise.get(model.denoise_op)
+
+
+def _global_batch(batch, mesh, backend):
+  """Host-local numpy batch -> global arrays for the step function."""
+  if backend == 'pmap':
+    return batch
+  sharding = jax.sharding.NamedSharding(mesh, P(parallel.AXIS))
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(sharding, x), batch
+  )
+
+
+def _is_finite(metrics: dict[str, Any]) -> bool:
+  return all(np.isfinite(metrics[k]) for k in ('loss', 'grad_norm'))
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  train_source: Any = None,
+  eval_source: Any = None,
+) -> dict[str, Any]:
+  """Trains (resuming from `workdir`), then evaluates robustness.
+
+  Args:
+    config: an fdjax config (see configs/).
+    workdir: where checkpoints, logs and results go; rerunning with the same
+      workdir resumes from the newest checkpoint.
+    train_source: optional injected random-access training source.
+    eval_source: optional injected evaluation source.
+
+  Returns:
+    {'train': last logged training metrics, 'eval': evaluation results}.
+
+  Raises:
+    ValueError: an invalid config or a global batch that does not divide by
+      the device count.
+    FloatingPointError: a non-finite loss (the message names the step and
+      the last good checkpoint).
+  """
+  model, state, mesh, last = train(config, workdir, train_source=train_source)
+
+  from fdjax import evaluate  # Evaluation imports plotting; keep it lazy.
+
+  variables = jax.device_get(state.variables)
+  results = evaluate.evaluate(
+    model,
+    variables,
+    config,
+    workdir=workdir,
+    mesh=mesh,
+    source=eval_source,
+  )
+  if jax.process_index() == 0:
+    print(evaluate.format_table(results))
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump({'train': last, 'eval': results}, f, indent=2, default=float)
+  return {'train': last, 'eval': results}
+
+
+def train(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  train_source: Any = None,
+) -> tuple[models.ResNet, TrainState, jax.sharding.Mesh, dict[str, Any]]:
+  """Trains, resuming from the newest checkpoint in `workdir`.
+
+  Args:
+    config: an fdjax config (see configs/).
+    workdir: where checkpoints, logs and results go; rerunning with the same
+      workdir resumes from the newest checkpoint.
+    train_source: optional injected random-access training source.
+
+  Returns:
+    (model, final state, mesh, last logged training metrics).
+
+  Raises:
+    ValueError: an invalid config or a global batch that does not divide by
+      the device count.
+    FloatingPointError: a non-finite loss (the message names the step and
+      the last good checkpoint).
+  """
+  validate_config(config)
+  tc = config.train
+  backend = tc.parallel
+  if backend == 'pmap' and jax.process_count() > 1:
+    raise ValueError(
+      "train.parallel='pmap' runs on one host; use 'shard_map' on "
+      f'{jax.process_count()} processes'
+    )
+  devices = jax.devices() if backend == 'shard_map' else jax.local_devices()
+  mesh = parallel.make_mesh(devices)
+  parallel.check_divisible(tc.global_batch_size, len(devices))
+  process_index, process_count = jax.process_index(), jax.process_count()
+
+  info = input_pipeline.dataset_info(config.data)
+  if train_source is not None:
+    info = info._replace(num_train=len(train_source))
+  num_classes = info.num_classes
+  steps_per_epoch = max(info.num_train // tc.global_batch_size, 1)
+  num_steps = total_steps(tc, steps_per_epoch)
+  model = create_model(config.model, num_classes)
+  learning_rate_fn = create_learning_rate_fn(tc, steps_per_epoch)
+  tx = create_optimizer(tc, learning_rate_fn)
+
+  is_main = process_index == 0
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  init = jax.jit(
+    functools.partial(
+      create_train_state,
+      model=model,
+      image_shape=info.image_shape,
+      tx=tx,
+    ),
+    out_shardings=replicated,
+  )
+  state = init(jax.random.key(config.seed))
+  logging.info(
+    'Parameters:\n%s', parameter_overview(jax.device_get(state.params))
+  )
+  manager = checkpoints.create_manager(workdir, max_to_keep=tc.max_checkpoints)
+  meta = {'model': model_kwargs_for_meta(config, num_classes)}
+  if manager.latest_step() is not None:
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      state,
+    )
+    state, _ = checkpoints.restore(manager, target=abstract)
+    logging.info('Resumed from step %d in %s', int(state.step), workdir)
+  start_step = int(state.step)
+
+  step_fn = make_train_step(
+    mesh,
+    backend,
+    model=model,
+    tx=tx,
+    learning_rate_fn=learning_rate_fn,
+    num_classes=num_classes,
+    attack_config=config.attack,
+    train_config=tc,
+  )
+  writer = writers.MetricWriter(workdir, enabled=is_main)
+  train_iter = input_pipeline.create_train_iter(
+    config.data,
+    global_batch_size=tc.global_batch_size,
+    seed=config.seed,
+    start_step=start_step,
+    process_index=process_index,
+    process_count=process_count,
+    source=train_source,
+  )
+  logging.info(
+    'Training %d steps (%d per epoch), global batch %d on %d devices '
+    '(%s), from step %d',
+    num_steps,
+    steps_per_epoch,
+    tc.global_batch_size,
+    len(devices),
+    backend,
+    start_step,
+  )
+  last = {}
+  pending = []
+  timer_step, timer_start = start_step, time.perf_counter()
+  for step in range(start_step, num_steps):
+    batch = next(train_iter)
+    batch = _global_batch(
+      {k: batch[k] for k in ('image', 'label', 'index')}, mesh, backend
+    )
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      state, metrics = step_fn(state, batch)
+    pending.append(metrics)
+    done = step + 1
+    is_log = done % tc.log_every_steps == 0 or done == num_steps
+    is_ckpt = done % tc.checkpoint_every_steps == 0 or done == num_steps
+    if not (is_log or is_ckpt):
+      continue
+    history = jax.device_get(pending)
+    pending = []
+    for offset, m in enumerate(history):
+      if not _is_finite(m):
+        manager.wait_until_finished()
+        bad = done - len(history) + offset
+        raise FloatingPointError(
+          f'non-finite loss or gradient at step {bad}; stopping. The last '
+          f'good checkpoint is step {manager.latest_step()} in '
+          f'{checkpoints.checkpoint_dir(workdir)} (rerun the command to '
+          'resume from it, e.g. with a lower learning rate).'
+        )
+    if is_ckpt:
+      checkpoints.save(manager, done, state, meta)
+    if is_log:
+      elapsed = time.perf_counter() - timer_start
+      images_per_s = (done - timer_step) * tc.global_batch_size / elapsed
+      last = summarize(history)
+      last['images_per_s'] = images_per_s
+      last['epoch'] = done / steps_per_epoch
+      writer.write_scalars(done, last)
+      eta = (num_steps - done) * elapsed / max(done - timer_step, 1)
+      logging.info(
+        'step %d/%d  loss %.4f  adv_acc %.3f  %s%.1f img/s  ETA %s',
+        done,
+        num_steps,
+        last['loss'],
+        last['adv_accuracy'],
+        f'clean_acc {last["clean_accuracy"]:.3f}  '
+        if 'clean_accuracy' in last
+        else '',
+        images_per_s,
+        _format_seconds(eta),
+      )
+      timer_step, timer_start = done, time.perf_counter()
+  manager.wait_until_finished()
+  manager.close()
+  writer.flush()
+
+  writer.close()
+  return model, state, mesh, last
+
+
+def model_kwargs_for_meta(config, num_classes: int) -> dict[str, Any]:
+  """The model settings stored with checkpoints (JSON-able)."""
+  kwargs = model_kwargs(config.model)
+  kwargs.pop('bn_axis_name', None)
+  kwargs['num_classes'] = num_classes
+  if 'stage_sizes' in kwargs:
+    kwargs['stage_sizes'] = list(kwargs['stage_sizes'])
+  return kwargs
+
+
+def summarize(history: list[dict[str, Any]]) -> dict[str, float]:
+  """Means of summed metrics over steps; last value of the others."""
+  count = sum(float(m['count']) for m in history)
+  out = {}
+  for key in history[-1]:
+    if key == 'count':
+      continue
+    if key in ('learning_rate', 'grad_norm', 'param_norm'):
+      out[key] = float(history[-1][key])
+    else:
+      out[key] = sum(float(m[key]) for m in history) / count
+  return out
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'

@@ -1,0 +1,362 @@
+"""Tests of the adversarial train step, the training loop and resuming."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from fdjax import config_base
+from fdjax import input_pipeline
+from fdjax import parallel
+from fdjax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  config = config_base.base_config()
+  config.model.depth = 0
+  config.model.stage_sizes = (1, 1)
+  config.model.num_filters = 4
+  config.model.stem = 'cifar'
+  config.model.denoise_placement = 'stage'
+  config.data = input_pipeline.default_data_config('digits')
+  config.attack.num_steps = 2
+  config.attack.epsilon = 0.1
+  config.attack.step_size = 0.05
+  config.attack.clean_start_prob = 0.0
+  config.train.global_batch_size = 16
+  config.train.num_steps = 3
+  config.train.base_lr = 0.4
+  config.train.warmup_epochs = 0.0
+  config.train.lr_schedule = 'cosine'
+  config.train.log_every_steps = 1
+  config.train.checkpoint_every_steps = 2
+  config.eval.global_batch_size = 16
+  config.eval.num_examples = 16
+  config.eval.pgd_steps = (2,)
+  for key, value in overrides.items():
+    section, field = key.split('.')
+    config[section][field] = value
+  return config
+
+
+def digits_source(n=64, seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.uniform(0, 1, (n, 8, 8, 3)).astype(np.float32)
+  labels = rng.integers(0, 10, n).astype(np.int32)
+  return input_pipeline.ArraySource(images, labels)
+
+
+def run_steps(config, mesh, backend, num_steps=2, source=None):
+  """A few train steps on fixed batches; returns the final host state."""
+  info = input_pipeline.dataset_info(config.data)
+  model = train.create_model(config.model, info.num_classes)
+  lr_fn = train.create_learning_rate_fn(config.train, 4)
+  tx = train.create_optimizer(config.train, lr_fn)
+  state = train.create_train_state(
+    jax.random.key(0), model=model, image_shape=info.image_shape, tx=tx
+  )
+  step = train.make_train_step(
+    mesh,
+    backend,
+    model=model,
+    tx=tx,
+    learning_rate_fn=lr_fn,
+    num_classes=info.num_classes,
+    attack_config=config.attack,
+    train_config=config.train,
+  )
+  it = input_pipeline.create_train_iter(
+    config.data,
+    global_batch_size=config.train.global_batch_size,
+    seed=0,
+    source=digits_source(),
+    process_index=0,
+    process_count=1,
+  )
+  metrics = []
+  for _ in range(num_steps):
+    batch = next(it)
+    batch = {k: batch[k] for k in ('image', 'label', 'index')}
+    state, m = step(state, batch)
+    metrics.append(jax.device_get(m))
+  return jax.device_get(state), metrics
+
+
+def test_learning_rate_schedule_step_decay_and_warmup():
+  tc = config_base.train_config()
+  tc.global_batch_size = 512
+  tc.warmup_epochs = 1.0
+  tc.warmup_start_lr = 0.1
+  tc.decay_epochs = (2.0, 3.0)
+  tc.num_epochs = 4.0
+  fn = train.create_learning_rate_fn(tc, steps_per_epoch=10)
+  peak = 0.1 * 512 / 256
+  np.testing.assert_allclose(fn(0), 0.1, rtol=1e-6)
+  np.testing.assert_allclose(fn(5), 0.1 + (peak - 0.1) / 2, rtol=1e-6)
+  np.testing.assert_allclose(fn(10), peak, rtol=1e-6)
+  np.testing.assert_allclose(fn(19), peak, rtol=1e-6)
+  np.testing.assert_allclose(fn(20), peak * 0.1, rtol=1e-6)
+  np.testing.assert_allclose(fn(30), peak * 0.01, rtol=1e-6)
+  tc.lr_schedule = 'cosine'
+  fn = train.create_learning_rate_fn(tc, steps_per_epoch=10)
+  np.testing.assert_allclose(fn(10), peak, rtol=1e-6)
+  assert float(fn(39)) < 0.01 * peak
+  tc.lr_schedule = 'linear'
+  with pytest.raises(ValueError, match='cosine'):
+    train.create_learning_rate_fn(tc, steps_per_epoch=10)
+
+
+def test_weight_decay_only_on_kernels():
+  params = {
+    'conv0': {'kernel': jnp.full((1, 1, 2, 3), 2.0)},
+    'conv0_bn': {'scale': jnp.full((3,), 5.0), 'bias': jnp.ones(3)},
+    'linear': {'kernel': jnp.ones((3, 2)), 'bias': jnp.ones(2) * 7},
+  }
+  np.testing.assert_allclose(
+    train.weight_decay_loss(params), 0.5 * (6 * 4.0 + 6 * 1.0)
+  )
+
+
+def _learning_config():
+  return tiny_config(**{'train.base_lr': 6.4})  # lr 0.4 at batch 16.
+
+
+@pytest.fixture(scope='module')
+def shard_map_run():
+  # The same 16 examples every step: the loss must fall.
+  return run_steps(
+    _learning_config(),
+    parallel.make_mesh(),
+    'shard_map',
+    num_steps=3,
+    source=digits_source(16),
+  )
+
+
+def test_train_step_reports_metrics(shard_map_run):
+  state, metrics = shard_map_run
+  assert int(state.step) == 3
+  for m in metrics:
+    assert m['count'] == 16
+    assert 0 <= m['adv_accuracy'] <= 16
+    assert 0 <= m['attack_success'] <= 16
+    assert 0 <= m['clean_accuracy'] <= 16
+    assert np.isfinite(m['loss']) and m['grad_norm'] > 0
+
+
+def real_digits(n):
+  from sklearn.datasets import load_digits
+
+  digits = load_digits()
+  images = np.repeat(digits.images[:n, :, :, None] / 16.0, 3, axis=-1)
+  return input_pipeline.ArraySource(
+    images.astype(np.float32), digits.target[:n].astype(np.int32)
+  )
+
+
+def test_train_step_descends_on_a_fixed_batch():
+  # Clean training (no attack, no augmentation) on the same 16 digits: the
+  # first update is a small gradient step, so the loss on the same examples
+  # (seen again at step 2, in another order) must fall.
+  config = tiny_config(**{
+    'train.base_lr': 1.6, 'attack.num_steps': 0, 'data.augment': False,
+  })  # fmt: skip
+  _, metrics = run_steps(
+    config,
+    parallel.make_mesh(),
+    'shard_map',
+    num_steps=2,
+    source=real_digits(16),
+  )
+  assert metrics[1]['loss'] < metrics[0]['loss']
+  assert 'attack_success' not in metrics[0]
+
+
+def test_shard_map_and_pmap_give_the_same_state(shard_map_run):
+  a, ma = shard_map_run
+  b, mb = run_steps(
+    _learning_config(),
+    parallel.make_mesh(),
+    'pmap',
+    num_steps=3,
+    source=digits_source(16),
+  )
+  chex.assert_trees_all_close(a.params, b.params, atol=1e-5, rtol=1e-4)
+  chex.assert_trees_all_close(
+    a.batch_stats, b.batch_stats, atol=1e-5, rtol=1e-4
+  )
+  np.testing.assert_allclose(ma[-1]['loss'], mb[-1]['loss'], rtol=1e-5)
+
+
+def test_one_and_eight_devices_give_the_same_state():
+  # Per-device BatchNorm statistics depend on the shard by design (the
+  # original); with synchronised statistics the result must not depend on
+  # the device count.
+  config = tiny_config(**{'model.sync_batch_stats': True})
+  a, ma = run_steps(config, parallel.make_mesh(jax.devices()[:1]), 'shard_map')
+  b, mb = run_steps(config, parallel.make_mesh(), 'shard_map')
+  chex.assert_trees_all_close(a.params, b.params, atol=2e-5, rtol=1e-4)
+  np.testing.assert_allclose(ma[-1]['loss'], mb[-1]['loss'], rtol=1e-5)
+
+
+def test_indivisible_batch_and_bad_config_fail_early(tmp_path):
+  with pytest.raises(ValueError, match='divide'):
+    train.train(
+      tiny_config(**{'train.global_batch_size': 12}),
+      str(tmp_path),
+      train_source=digits_source(),
+    )
+  with pytest.raises(ValueError, match='shard_map'):
+    train.validate_config(tiny_config(**{'train.parallel': 'vmap'}))
+  with pytest.raises(ValueError, match='median'):
+    train.validate_config(tiny_config(**{'model.denoise_op': 'gauss'}))
+  with pytest.raises(ValueError, match='linf'):
+    train.validate_config(tiny_config(**{'attack.norm': 'l1'}))
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_nan_stops_with_the_last_good_checkpoint(tmp_path):
+  config = tiny_config(**{'train.base_lr': 1e30, 'train.num_steps': 6})
+  with pytest.raises(FloatingPointError, match='last good checkpoint'):
+    train.train(config, str(tmp_path), train_source=digits_source())
+
+
+def test_resume_continues_exactly(tmp_path):
+  config = tiny_config(**{'train.num_steps': 4})
+  source = digits_source()
+  _, full, _, _ = train.train(config, str(tmp_path), train_source=source)
+  # Pretend the run died after the step-2 checkpoint: drop step 4, rerun.
+  shutil.rmtree(tmp_path / 'checkpoints' / '4')
+  _, resumed, _, _ = train.train(config, str(tmp_path), train_source=source)
+  assert int(resumed.step) == 4
+  chex.assert_trees_all_equal(
+    jax.device_get(full.params), jax.device_get(resumed.params)
+  )
+
+
+def _main_command(workdir, *extra):
+  return [
+      sys.executable, '-m', 'fdjax.main',
+      '--config=configs/default.py:small', f'--workdir={workdir}',
+      '--config.train.num_steps=8', '--config.train.log_every_steps=2',
+      '--config.train.checkpoint_every_steps=2',
+      '--config.eval.sanity=False', '--config.eval.figures=False', *extra,
+  ]  # fmt: skip
+
+
+def _env(num_devices=8, cache_dir=None):
+  env = dict(os.environ)
+  if cache_dir:  # Later runs of the same program skip XLA compilation.
+    env['JAX_COMPILATION_CACHE_DIR'] = str(cache_dir)
+    env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={num_devices}'
+  env['JAX_PLATFORMS'] = 'cpu'
+  return env
+
+
+def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tmp_path):
+  env = _env(cache_dir=tmp_path / 'xla_cache')
+  straight = tmp_path / 'straight'
+  subprocess.run(
+    _main_command(straight),
+    cwd=ROOT,
+    env=env,
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
+  killed = tmp_path / 'killed'
+  proc = subprocess.Popen(
+    _main_command(killed),
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  deadline = time.time() + 600
+  while not (killed / 'checkpoints' / '4').exists():
+    assert proc.poll() is None, 'training ended before it could be killed'
+    assert time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (killed / 'results.json').exists()
+  subprocess.run(
+    _main_command(killed),
+    cwd=ROOT,
+    env=env,
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
+  a = json.loads((straight / 'results.json').read_text())
+  b = json.loads((killed / 'results.json').read_text())
+  for key in ('loss', 'adv_accuracy', 'grad_norm', 'param_norm'):
+    assert a['train'][key] == pytest.approx(b['train'][key], rel=1e-6), key
+  for results in (a['eval'], b['eval']):
+    # Paths, the workdir's name and timings differ; the numbers must not.
+    for key in ('files', 'model', 'elapsed_s'):
+      results.pop(key, None)
+  assert a['eval'] == b['eval']
+
+
+def test_two_processes_train_in_lockstep(tmp_path):
+  port = 20000 + os.getpid() % 20000
+  procs = []
+  for process_id in range(2):
+    workdir = tmp_path / 'shared_workdir'
+    cmd = [
+        sys.executable, '-c', _TWO_PROCESS_SCRIPT, str(workdir),
+        f'localhost:{port}', str(process_id),
+    ]  # fmt: skip
+    procs.append(
+      subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=_env(num_devices=2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+    )
+  outs = []
+  for p in procs:
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    outs.append(json.loads(out.strip().splitlines()[-1]))
+  assert outs[0]['devices'] == outs[1]['devices'] == 4
+  assert outs[0]['param_sum'] == outs[1]['param_sum']
+  assert outs[0]['loss'] == outs[1]['loss']
+  assert outs[0]['step'] == 4
+
+
+_TWO_PROCESS_SCRIPT = """
+import json, sys
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[2],
+                           num_processes=2, process_id=int(sys.argv[3]))
+sys.path.insert(0, 'tests')
+from test_train import tiny_config, digits_source
+from fdjax import train
+config = tiny_config(**{'train.num_steps': 4})
+model, state, mesh, last = train.train(config, sys.argv[1],
+                                       train_source=digits_source())
+from jax.experimental import multihost_utils
+params = multihost_utils.process_allgather(state.params, tiled=True)
+print(json.dumps({
+    'devices': jax.device_count(), 'step': int(state.step),
+    'param_sum': float(sum(abs(x).sum() for x in jax.tree.leaves(params))),
+    'loss': last['loss']}))
+"""
