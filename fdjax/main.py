@@ -14,6 +14,7 @@ checkpoint. Multi-host: pass --coordinator_address/--num_processes/
 SLURM (--distributed=auto); see launch/.
 """
 
+import logging as std_logging
 import os
 
 from absl import app
@@ -51,6 +52,15 @@ flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Drops the INFO chatter of orbax (one line per file it writes)."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or (
+      '/orbax/' not in record.pathname
+    )
+
+
 def _init_distributed():
   import jax
 
@@ -85,6 +95,7 @@ def main(argv):
     tf.config.set_visible_devices([], 'TPU')
   except (ImportError, RuntimeError, ValueError):
     pass
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   _init_distributed()
   import jax
 

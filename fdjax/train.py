@@ -424,8 +424,7 @@ def train_and_evaluate(
     mesh=mesh,
     source=eval_source,
   )
-  if jax.process_index() == 0:
-    print(evaluate.format_table(results))
+  if jax.process_index() == 0:  # evaluate() printed the table.
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump({'train': last, 'eval': results}, f, indent=2, default=float)
   return {'train': last, 'eval': results}
