@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -228,22 +227,11 @@ def test_indivisible_batch_and_bad_config_fail_early(tmp_path):
 
 
 def test_nan_stops_with_the_last_good_checkpoint(tmp_path):
-  config = tiny_config(**{'train.base_lr': 1e30, 'train.num_steps': 6})
+  config = tiny_config(
+    **{'train.base_lr': 1e30, 'train.num_steps': 6, 'attack.num_steps': 0}
+  )
   with pytest.raises(FloatingPointError, match='last good checkpoint'):
     train.train(config, str(tmp_path), train_source=digits_source())
-
-
-def test_resume_continues_exactly(tmp_path):
-  config = tiny_config(**{'train.num_steps': 4})
-  source = digits_source()
-  _, full, _, _ = train.train(config, str(tmp_path), train_source=source)
-  # Pretend the run died after the step-2 checkpoint: drop step 4, rerun.
-  shutil.rmtree(tmp_path / 'checkpoints' / '4')
-  _, resumed, _, _ = train.train(config, str(tmp_path), train_source=source)
-  assert int(resumed.step) == 4
-  chex.assert_trees_all_equal(
-    jax.device_get(full.params), jax.device_get(resumed.params)
-  )
 
 
 def _main_command(workdir, *extra):
