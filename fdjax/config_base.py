@@ -30,6 +30,7 @@ def model_config() -> ml_collections.ConfigDict:
       denoise_residual=True,
       sync_batch_stats=False,  # False: per-device BN (the original).
       dtype='float32',  # compute dtype; 'bfloat16' on TPU.
+      conv_impl='auto',  # 'auto' (matmul on CPU, XLA elsewhere)|'xla'|'matmul'.
     )
   )
 
