@@ -370,6 +370,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     from fdjax import denoise
 
     denoise.get(model.denoise_op)
+  # The evaluation that follows training: fail now, not after training.
+  from fdjax import evaluate
+
+  evaluate.resolve_eval_config(config.eval)
 
 
 def _global_batch(batch, mesh, backend):
