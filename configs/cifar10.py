@@ -55,12 +55,5 @@ def get_config(arg: str | None = None):
     config.model.depth = 0
     config.model.stage_sizes = (1, 1)
     config.model.num_filters = 8
-    config.attack.num_steps = 2
-    config.train.global_batch_size = 16
-    config.train.num_steps = 4
-    config.train.log_every_steps = 2
-    config.train.checkpoint_every_steps = 2
-    config.eval.global_batch_size = 16
-    config.eval.num_examples = 32
-    config.eval.pgd_steps = (2,)
+    config_base.make_smoke_run(config)
   return config

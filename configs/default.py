@@ -1,9 +1,9 @@
 r"""The embedded quickstart: adversarial training on scikit-learn's digits.
 
 Real data with no download (1,797 8x8 handwritten digits shipped inside
-scikit-learn), a small ResNet with 4-stage... here 3-stage bottlenecks and a
-non-local (Gaussian) denoising block after each stage, trained with the
-paper's recipe scaled down: targeted L-inf PGD on every training batch.
+scikit-learn), a small 3-stage bottleneck ResNet (300k parameters) with a
+non-local (Gaussian, embedded) denoising block after each stage, trained with
+the paper's recipe scaled down: targeted L-inf PGD on every training batch.
 
   python -m fdjax.main --config=configs/default.py --workdir=/tmp/fdjax_digits
 
@@ -13,14 +13,16 @@ Clean training of the same model (no attack), for comparison:
       --workdir=/tmp/fdjax_digits_clean --config.attack.num_steps=0
 
 Variants: `configs/default.py:small` (a few steps, for smoke tests).
-Runs in a few minutes on 2 CPU cores; results in README.md.
+About 2.5 minutes on 2 CPU cores: 99.0% clean, 90.2% under 10- and 100-step
+targeted PGD at epsilon 0.1; 98.7 / 26.9 / 23.2 when trained without attacks
+(README.md).
 """
 
-from fdjax import config_base as common
+from fdjax import config_base
 
 
 def get_config(arg: str | None = None):
-  config = common.base_config()
+  config = config_base.base_config()
   config.seed = 0
 
   config.model.arch = 'resnet'
@@ -59,14 +61,7 @@ def get_config(arg: str | None = None):
   config.eval.pgd_steps = (10, 100)
 
   if arg == 'small':
-    config.train.num_steps = 4
-    config.train.global_batch_size = 16
-    config.train.log_every_steps = 2
-    config.train.checkpoint_every_steps = 2
-    config.attack.num_steps = 2
-    config.eval.num_examples = 32
-    config.eval.global_batch_size = 16
-    config.eval.pgd_steps = (2,)
+    config_base.make_smoke_run(config)
   elif arg:
     raise ValueError(
       f"unknown variant {arg!r} of configs/default.py; valid: '' or 'small'"

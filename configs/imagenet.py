@@ -86,12 +86,6 @@ def get_config(arg: str | None = None):
     config.model.stem = 'cifar'
     config.data.image_size = 32
     config.data.num_workers = 2
-    config.attack.num_steps = 2
-    config.train.global_batch_size = 16
-    config.train.num_steps = 4
-    config.train.log_every_steps = 2
-    config.train.checkpoint_every_steps = 2
-    config.eval.global_batch_size = 16
-    config.eval.num_examples = 32
+    config_base.make_smoke_run(config)
     config.eval.pgd_steps = (2, 4)
   return config

@@ -120,3 +120,19 @@ def base_config() -> ml_collections.ConfigDict:
   config.train = train_config()
   config.eval = eval_config()
   return config
+
+
+def make_smoke_run(config: ml_collections.ConfigDict) -> None:
+  """Shrinks a config's run to a CPU smoke test (the `:small` variants).
+
+  A few steps of 2-step PGD on batches of 16 and an evaluation of 32
+  examples; the configs shrink the network themselves.
+  """
+  config.attack.num_steps = 2
+  config.train.global_batch_size = 16
+  config.train.num_steps = 4
+  config.train.log_every_steps = 2
+  config.train.checkpoint_every_steps = 2
+  config.eval.global_batch_size = 16
+  config.eval.num_examples = 32
+  config.eval.pgd_steps = (2,)
