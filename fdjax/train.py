@@ -563,11 +563,17 @@ def train(
       if not _is_finite(m):
         manager.wait_until_finished()
         bad = done - len(history) + offset
-        raise FloatingPointError(
-          f'non-finite loss or gradient at step {bad}; stopping. The last '
-          f'good checkpoint is step {manager.latest_step()} in '
+        good = manager.latest_step()
+        where = (
+          f'The last good checkpoint is step {good} in '
           f'{checkpoints.checkpoint_dir(workdir)} (rerun the command to '
           'resume from it, e.g. with a lower learning rate).'
+          if good is not None
+          else 'No checkpoint was written yet: there is no last good '
+          'checkpoint to resume from (lower the learning rate and rerun).'
+        )
+        raise FloatingPointError(
+          f'non-finite loss or gradient at step {bad}; stopping. {where}'
         )
     if is_ckpt:
       checkpoints.save(manager, done, state, meta)

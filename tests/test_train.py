@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from fdjax import checkpoints
 from fdjax import config_base
 from fdjax import input_pipeline
 from fdjax import parallel
@@ -233,8 +234,15 @@ def test_nan_stops_with_the_last_good_checkpoint(tmp_path):
   config = tiny_config(
     **{'train.base_lr': 1e30, 'train.num_steps': 6, 'attack.num_steps': 0}
   )
-  with pytest.raises(FloatingPointError, match='last good checkpoint'):
+  with pytest.raises(FloatingPointError, match='last good checkpoint') as e:
     train.train(config, str(tmp_path), train_source=digits_source())
+  assert 'non-finite loss or gradient at step' in str(e.value)
+  # Whatever was saved before the failure is finite: no NaN checkpoint.
+  if (tmp_path / 'checkpoints').exists() and any(
+    p.name.isdigit() for p in (tmp_path / 'checkpoints').iterdir()
+  ):
+    variables, _, _ = checkpoints.load_variables(str(tmp_path))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
 
 
 def _main_command(workdir, *extra):
@@ -284,14 +292,18 @@ def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not (killed / 'results.json').exists()
-  subprocess.run(
+  rerun = subprocess.run(
     _main_command(killed),
     cwd=ROOT,
     env=env,
     check=True,
     capture_output=True,
+    text=True,
     timeout=600,
   )
+  # It resumed (from step 4 or later), rather than starting again.
+  resumed = re.search(r'Resumed from step (\d+)', rerun.stderr)
+  assert resumed and int(resumed[1]) >= 4, rerun.stderr[-3000:]
   a = json.loads((straight / 'results.json').read_text())
   b = json.loads((killed / 'results.json').read_text())
   for key in ('loss', 'adv_accuracy', 'grad_norm', 'param_norm'):
