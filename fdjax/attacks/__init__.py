@@ -11,6 +11,10 @@
 from fdjax.attacks.ball import NORMS
 from fdjax.attacks.ball import LogitsFn
 from fdjax.attacks.factory import from_config
+from fdjax.attacks.gradient import LOSSES
+from fdjax.attacks.gradient import example_losses
+from fdjax.attacks.gradient import fgsm
+from fdjax.attacks.gradient import pgd
 from fdjax.attacks.paper import PAPER_EPSILON
 from fdjax.attacks.paper import PAPER_STEP_SIZE
 from fdjax.attacks.paper import PGDAttack
@@ -18,10 +22,6 @@ from fdjax.attacks.paper import clean_start_coin
 from fdjax.attacks.paper import paper_step_size
 from fdjax.attacks.paper import random_targets
 from fdjax.attacks.paper import targeted_pgd
-from fdjax.attacks.gradient import LOSSES
-from fdjax.attacks.gradient import example_losses
-from fdjax.attacks.gradient import fgsm
-from fdjax.attacks.gradient import pgd
 
 __all__ = (
   'LOSSES',
