@@ -16,7 +16,7 @@ Variants: ':targeted', ':small' (a tiny network, a few steps, CPU).
 """
 
 from fdjax import config_base
-from fdjax import input_pipeline
+from fdjax import data
 
 
 def get_config(arg: str | None = None):
@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
   config.model.depth = 50
   config.model.stem = 'cifar'
   config.model.denoise_placement = 'stage'
-  config.data = input_pipeline.default_data_config('cifar10')
+  config.data = data.default_data_config('cifar10')
 
   config.attack.epsilon = 8 / 255
   config.attack.step_size = 2 / 255

@@ -4,7 +4,7 @@ r"""ImageNet: the paper's models (Xie et al., CVPR 2019), one variant each.
       --workdir=DIR --config.data.data_dir=TFDS_DIR
 
 VARIANT (the paper's result it targets: clean / 10-step / 100-step targeted
-PGD top-1 at epsilon 16, SPEC.md section 6):
+PGD top-1 at epsilon 16, docs/protocol.md):
 
   r152              ResNet-152 baseline           62.3 / 52.5 / 41.7
   r152_denoise      + 4 non-local Gaussian blocks 65.3 / 55.7 / 45.5
@@ -18,8 +18,10 @@ PGD top-1 at epsilon 16, SPEC.md section 6):
   x101_denoise_all  ResNeXt-101 32x8d, dot product after every block,
                     the CAAD 2018 winner          68.4 / 56.0 / 44.4
 
-Append ',small' (e.g. `imagenet.py:r152_denoise,small`) for a CPU smoke
-test with a tiny network at 32x32 and a few steps (still the real pipeline).
+Any other name of `fdjax.models.VARIANTS` works too (r50, r101_denoise,
+x101, ...). Append ',small' (e.g. `imagenet.py:r152_denoise,small`) for a
+CPU smoke test with a tiny network at 32x32 and a few steps (still the real
+pipeline).
 
 The paper trained with 30-step PGD on 128 V100s (batch 4096) for 110 epochs:
 about 52 h for R152 and 90 h for R152-Denoise. ImageNet must be prepared for
@@ -27,50 +29,24 @@ tfds in ArrayRecord format in --config.data.data_dir (see README.md).
 """
 
 from fdjax import config_base
-from fdjax import input_pipeline
-
-VARIANTS = {
-  'r152': dict(denoise_placement='none'),
-  'r152_denoise': dict(denoise_placement='stage', denoise_op='non_local'),
-  'r152_nonlocal_gaussian': dict(
-    denoise_placement='stage', denoise_op='non_local'
-  ),
-  'r152_nonlocal_dot': dict(
-    denoise_placement='stage',
-    denoise_op='non_local',
-    denoise_affinity='dot_product',
-  ),
-  'r152_bilateral': dict(denoise_placement='stage', denoise_op='bilateral'),
-  'r152_mean': dict(denoise_placement='stage', denoise_op='mean'),
-  'r152_median': dict(denoise_placement='stage', denoise_op='median'),
-  'r152_null': dict(denoise_placement='stage', denoise_op='null'),
-  'r152_denoise_all': dict(denoise_placement='all', denoise_op='non_local'),
-  'x101_denoise_all': dict(
-    arch='resnext',
-    depth=101,
-    denoise_placement='all',
-    denoise_op='non_local',
-    denoise_affinity='dot_product',
-    denoise_embed=False,
-  ),
-}
+from fdjax import data
+from fdjax import models
 
 
 def get_config(arg: str | None = None):
   """`arg`: 'VARIANT' or 'VARIANT,small'."""
   parts = (arg or 'r152_denoise').split(',')
   variant, options = parts[0], set(parts[1:])
-  if variant not in VARIANTS or not options <= {'small'}:
+  if variant not in models.VARIANTS or not options <= {'small'}:
     raise ValueError(
       f'unknown config argument {arg!r} of configs/imagenet.py; valid: '
-      f'one of {sorted(VARIANTS)}, optionally followed by ",small"'
+      f'one of {sorted(models.VARIANTS)}, optionally followed by ",small"'
     )
   config = config_base.base_config()
-  config.model.depth = 152
-  config.model.update(VARIANTS[variant])
-  config.data = input_pipeline.default_data_config('imagenet2012')
+  config.model.update(models.variant(variant))
+  config.data = data.default_data_config('imagenet2012')
 
-  # The paper's recipe (SPEC.md section 5).
+  # The paper's recipe (docs/protocol.md).
   config.attack.num_steps = 30
   config.train.global_batch_size = 4096
   config.train.num_epochs = 110.0

@@ -4,10 +4,15 @@ The public face (implementation details live in the submodules):
 
 - `fdjax.denoise`: pure denoising ops (non-local means, bilateral, mean,
   median, null) and their registry.
-- `fdjax.models`: `DenoisingBlock`, `ResNet`, `create_model`.
-- `fdjax.attacks`: `pgd`, `fgsm`, `targeted_pgd`, `random_targets`.
+- `fdjax.models`: `DenoisingBlock`, `ResNet`, `create_model`, `VARIANTS`.
+- `fdjax.attacks`: `pgd`, `fgsm`, `targeted_pgd`, `PGDAttack`,
+  `random_targets`, `from_config`.
 - `fdjax.convert`: `load_tensorpack` for the original released weights.
-- `fdjax.parallel`, `fdjax.train`, `fdjax.evaluate`, `fdjax.input_pipeline`.
+- `fdjax.parallel`: meshes and `data_parallel` (shard_map or pmap).
+- The system around them: `fdjax.config_base` (defaults and checks),
+  `fdjax.data`, `fdjax.preprocess`, `fdjax.input_pipeline`, `fdjax.train`,
+  `fdjax.evaluate`, `fdjax.sanity`, `fdjax.results`, `fdjax.predict`,
+  `fdjax.plots`, `fdjax.checkpoints`, `fdjax.main`.
 """
 
 from fdjax import attacks
@@ -15,11 +20,13 @@ from fdjax import convert
 from fdjax import denoise
 from fdjax import models
 from fdjax import parallel
+from fdjax.attacks import PGDAttack
 from fdjax.attacks import fgsm
 from fdjax.attacks import pgd
 from fdjax.attacks import random_targets
 from fdjax.attacks import targeted_pgd
 from fdjax.convert import load_tensorpack
+from fdjax.models import VARIANTS
 from fdjax.models import DenoisingBlock
 from fdjax.models import ResNet
 from fdjax.models import create_model
@@ -27,7 +34,9 @@ from fdjax.models import create_model
 __version__ = '0.1.0'
 
 __all__ = (
+  'VARIANTS',
   'DenoisingBlock',
+  'PGDAttack',
   'ResNet',
   'attacks',
   'convert',

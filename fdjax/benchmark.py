@@ -73,56 +73,16 @@ import jax
 import jax.numpy as jnp
 
 from fdjax import attacks
+from fdjax import config_base
 from fdjax import denoise
+from fdjax import layers
 from fdjax import models
+from fdjax import parallel
+from fdjax import train
 
 MODES = ('pgd', 'train', 'denoise', 'all')
 FEATURE_MAPS = ((56, 256), (28, 512), (14, 1024), (7, 2048))
 """The paper's ResNet feature maps (side, channels) at 224x224 input."""
-
-_ARCHS = {
-  'r50': dict(arch='resnet', depth=50),
-  'r101': dict(arch='resnet', depth=101),
-  'r152': dict(arch='resnet', depth=152),
-  'x101': dict(arch='resnext', depth=101),
-}
-_DENOISE_SUFFIXES = {
-  '': dict(denoise_placement='none'),
-  '_denoise': dict(denoise_placement='stage', denoise_op='non_local'),
-  '_denoise_all': dict(denoise_placement='all', denoise_op='non_local'),
-}
-
-
-def model_kwargs(name: str) -> dict[str, Any]:
-  """`fdjax.models.create_model` arguments for a benchmark model name.
-
-  Args:
-    name: ``r50``, ``r101``, ``r152`` or ``x101``, optionally followed by
-      ``_denoise`` (a non-local block after each stage) or ``_denoise_all``
-      (after every residual block).
-
-  Returns:
-    Keyword arguments for `fdjax.models.create_model`.
-
-  Raises:
-    ValueError: an unknown name; the message lists the valid ones.
-
-  Examples:
-    >>> model_kwargs('r152_denoise')['denoise_placement']
-    'stage'
-    >>> model_kwargs('r18')
-    Traceback (most recent call last):
-      ...
-    ValueError: unknown benchmark model 'r18'; valid: r50, r101, ...
-  """
-  for suffix in sorted(_DENOISE_SUFFIXES, key=len, reverse=True):
-    base = name[: len(name) - len(suffix)] if suffix else name
-    if name.endswith(suffix) and base in _ARCHS:
-      return {**_ARCHS[base], **_DENOISE_SUFFIXES[suffix]}
-  valid = [a + s for s in _DENOISE_SUFFIXES for a in _ARCHS]
-  raise ValueError(
-    f'unknown benchmark model {name!r}; valid: {", ".join(valid)}'
-  )
 
 
 def _flops(compiled: Any) -> float | None:
@@ -154,9 +114,11 @@ def peak_memory() -> tuple[int | None, str]:
     source 'rss' on backends without memory statistics (CPU).
 
   Examples:
+    >>> import numpy as np
+    >>> x = np.ones(2**24)  # 128 MiB, touched.
     >>> nbytes, source = peak_memory()
-    >>> nbytes > 0 and source in ('device', 'rss')
-    True
+    >>> nbytes >= x.nbytes, source in ('device', 'rss')
+    (True, True)
   """
   stats = jax.local_devices()[0].memory_stats()
   if stats and 'peak_bytes_in_use' in stats:
@@ -176,9 +138,10 @@ def time_call(fn: Callable[[], Any], repeats: int = 3) -> float:
     The smallest time in seconds; each call ends when its outputs are ready.
 
   Examples:
-    >>> t = time_call(lambda: jnp.ones(3) * 2, repeats=2)
-    >>> t >= 0
-    True
+    >>> calls = []
+    >>> t = time_call(lambda: calls.append(1) or jnp.ones(3), repeats=2)
+    >>> len(calls), t < 10.0  # One warm-up call, then the timed ones.
+    (3, True)
   """
   jax.block_until_ready(fn())
   best = float('inf')
@@ -190,7 +153,7 @@ def time_call(fn: Callable[[], Any], repeats: int = 3) -> float:
 
 
 def _init_model(name: str, size: int, conv_impl: str, seed: int = 0):
-  model = models.create_model(conv_impl=conv_impl, **model_kwargs(name))
+  model = models.create_model(conv_impl=conv_impl, **models.variant(name))
   init = jax.jit(functools.partial(model.init, train=False))
   variables = init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))
   return model, variables
@@ -214,7 +177,7 @@ def benchmark_pgd(
   """Times a jitted targeted L-inf PGD attack on a random model.
 
   Args:
-    name: a model name (see `model_kwargs`).
+    name: a model name (a key of `fdjax.models.VARIANTS`).
     size: image side (square RGB images in [0, 1]).
     batch: images per attack.
     steps: PGD steps per timed attack.
@@ -229,18 +192,16 @@ def benchmark_pgd(
   model, variables = _init_model(name, size, conv_impl)
   images, targets = _inputs(batch, size)
 
-  def attack(variables, key, images, targets, num_steps):
+  paper_attack = attacks.PGDAttack(
+    epsilon=attacks.PAPER_EPSILON,
+    step_size=attacks.PAPER_STEP_SIZE,
+    num_classes=1000,
+  )
+
+  def attack(variables, key, images, labels, num_steps):
     logits_fn = lambda x: model.apply(variables, x, train=False)
-    return attacks.pgd(
-      logits_fn,
-      key,
-      images,
-      targets,
-      epsilon=attacks.PAPER_EPSILON,
-      step_size=attacks.PAPER_STEP_SIZE,
-      num_steps=num_steps,
-      targeted=True,
-    )
+    adv, _ = paper_attack(logits_fn, key, images, labels, num_steps=num_steps)
+    return adv
 
   # The step count is traced: one compile for any count, and XLA's cost
   # analysis of the (while-loop) attack is then that of one step.
@@ -252,7 +213,7 @@ def benchmark_pgd(
   flops = _flops(compiled)
   return _row(
     'pgd', name, size, batch, steps, compile_s, step_s, flops, compiled
-  ) | {'conv_impl': models.resolve_conv_impl(conv_impl)}
+  ) | {'conv_impl': layers.resolve_conv_impl(conv_impl)}
 
 
 def _row(mode, name, size, batch, steps, compile_s, step_s, flops, compiled):
@@ -292,7 +253,7 @@ def benchmark_train(
   weight decay, Nesterov momentum SGD, the BatchNorm statistics updated.
 
   Args:
-    name: a model name (see `model_kwargs`).
+    name: a model name (a key of `fdjax.models.VARIANTS`).
     size: image side.
     batch: images per step.
     steps: PGD steps inside the train step.
@@ -304,12 +265,7 @@ def benchmark_train(
     img_steps_per_s is images per second, gflop_step the FLOPs of a whole
     train step (its PGD steps included).
   """
-  # Imported here: the train module pulls in the input pipeline.
-  from fdjax import config_base
-  from fdjax import parallel
-  from fdjax import train
-
-  model = models.create_model(conv_impl=conv_impl, **model_kwargs(name))
+  model = models.create_model(conv_impl=conv_impl, **models.variant(name))
   attack_config = config_base.attack_config()
   attack_config.num_steps = steps
   train_config = config_base.train_config()
@@ -327,8 +283,7 @@ def benchmark_train(
     tx=tx,
     learning_rate_fn=lr_fn,
     num_classes=1000,
-    attack_config=attack_config,
-    train_config=train_config,
+    attack=attacks.from_config(attack_config, 1000),
   )
   images, labels = _inputs(batch, size)
   batch_data = {
@@ -353,7 +308,7 @@ def benchmark_train(
   step_s = time_call(run, repeats)
   return _row(
     'train', name, size, batch, steps, compile_s, step_s, flops, compiled
-  ) | {'conv_impl': models.resolve_conv_impl(conv_impl)}
+  ) | {'conv_impl': layers.resolve_conv_impl(conv_impl)}
 
 
 def _pgd_step_flops(model, variables, batch_data) -> float:
@@ -593,9 +548,9 @@ def main(argv: Sequence[str]) -> None:
   modes = ('pgd', 'train', 'denoise') if mode == 'all' else (mode,)
   sizes = [int(s) for s in flag_values.sizes]
   for name in flag_values.models:
-    model_kwargs(name)  # Fail early on a bad name.
+    models.variant(name)  # Fail early on a bad name.
   for conv_impl in flag_values.conv_impl:
-    models.resolve_conv_impl(conv_impl)
+    layers.resolve_conv_impl(conv_impl)
   print(
     f'jax {jax.__version__}, backend {jax.default_backend()}: '
     f'{jax.local_devices()[0].device_kind} x {jax.local_device_count()}, '

@@ -12,8 +12,12 @@ from typing import Any
 
 from absl import logging
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from fdjax import data
+from fdjax import models
 
 CHECKPOINT_DIR = 'checkpoints'
 
@@ -116,3 +120,33 @@ def load_variables(workdir: str, step: int | None = None):
   variables = jax.tree.map(np.asarray, variables)
   logging.info('Loaded variables from %s at step %s', workdir, step)
   return variables, meta, step
+
+
+def load_model(
+  config: ml_collections.ConfigDict, workdir: str
+) -> tuple[Any, dict[str, Any], dict[str, Any], int]:
+  """The model and variables of a workdir's newest checkpoint.
+
+  The model settings come from the checkpoint's meta['model'] (training
+  runs and `fdjax.convert` outputs store them) and otherwise from
+  `config.model` with the eval dataset's class count.
+
+  Args:
+    config: an fdjax config.
+    workdir: a directory with `checkpoints/`.
+
+  Returns:
+    (model, variables, meta, step).
+
+  Raises:
+    FileNotFoundError: no checkpoint in the workdir.
+  """
+  variables, meta, step = load_variables(workdir)
+  if meta.get('model'):
+    model = models.create_model(**dict(meta['model']))
+    logging.info('Model from the checkpoint: %s', meta['model'])
+  else:
+    num_classes = data.dataset_info(config.data).num_classes
+    model = models.from_config(config.model, num_classes)
+    logging.info('Model from config.model (%d classes)', num_classes)
+  return model, variables, meta, step

@@ -1,14 +1,31 @@
-"""Shared defaults of fdjax experiment configs (strings and numbers only).
+"""fdjax configs: the defaults of every section, and every check of them.
 
 Every config in configs/ starts from `base_config()` and overrides what it
 needs; any field can be overridden on the command line, e.g.
-`--config.attack.num_steps=10`.
+`--config.attack.num_steps=10`. `validate(config)` checks every section
+before any work starts; each error names the field, the value and what is
+valid, in one phrasing: ``FIELD=VALUE is not valid; valid: ...``.
 """
 
-import ml_collections
+from collections.abc import Mapping
+import math
+from typing import Any
 
-PAPER_EPSILON = 16 / 255  # 16 on the 0..255 scale.
-PAPER_STEP_SIZE = 1 / 255
+import ml_collections
+import numpy as np
+
+from fdjax import attacks
+from fdjax import data
+from fdjax import denoise
+from fdjax import layers
+from fdjax import models
+from fdjax import parallel
+from fdjax import preprocess
+
+PAPER_EPSILON = attacks.PAPER_EPSILON  # 16 on the 0..255 scale.
+PAPER_STEP_SIZE = attacks.PAPER_STEP_SIZE
+LR_SCHEDULES = ('step', 'cosine')
+MODEL_DTYPES = ('float32', 'bfloat16', 'float16')
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -51,7 +68,7 @@ def attack_config() -> ml_collections.ConfigDict:
 
 
 def train_config() -> ml_collections.ConfigDict:
-  """Optimisation: the paper's recipe (SPEC.md section 5)."""
+  """Optimisation: the paper's recipe (docs/protocol.md)."""
   return ml_collections.ConfigDict(
     dict(
       global_batch_size=4096,
@@ -78,7 +95,7 @@ def train_config() -> ml_collections.ConfigDict:
 
 
 def eval_config() -> ml_collections.ConfigDict:
-  """Robustness evaluation (SPEC.md section 6; fields: fdjax/evaluate.py)."""
+  """Robustness evaluation (docs/protocol.md; fields: fdjax/evaluate.py)."""
   return ml_collections.ConfigDict(
     dict(
       name='',  # results in workdir/eval/<name>/; '' = <dataset>_<split>.
@@ -110,16 +127,255 @@ def eval_config() -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
   """All sections with their defaults (an ImageNet ResNet-152)."""
-  from fdjax import input_pipeline  # Imported lazily: configs are data.
-
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.model = model_config()
-  config.data = input_pipeline.default_data_config('imagenet2012')
+  config.data = data.default_data_config('imagenet2012')
   config.attack = attack_config()
   config.train = train_config()
   config.eval = eval_config()
   return config
+
+
+EVAL_DEFAULTS = eval_config().to_dict()
+"""The `config.eval` fields and their defaults; a missing field takes its."""
+
+
+# ---------------------------------------------------------------------------
+# Checks: one phrasing for every field.
+
+
+def _fail(field: str, value: Any, valid: str) -> None:
+  raise ValueError(f'{field}={value!r} is not valid; valid: {valid}.')
+
+
+def check_choice(field: str, value: Any, valid: Any) -> None:
+  valid = list(valid)
+  if value not in valid:
+    _fail(field, value, str(valid))
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _int(field: str, value: Any, low: int) -> None:
+  if not _is_int(value) or value < low:
+    words = {0: 'a non-negative integer', 1: 'a positive integer'}
+    _fail(field, value, words.get(low, f'an integer >= {low}'))
+
+
+def _number(
+  field: str,
+  value: Any,
+  low: float,
+  high: float = math.inf,
+  *,
+  low_open: bool = False,
+  high_open: bool = False,
+) -> None:
+  ok = (
+    isinstance(value, (int, float, np.integer, np.floating))
+    and not isinstance(value, bool)
+    and math.isfinite(value)
+    or (high == math.inf and value == math.inf)
+  )
+  if ok:
+    ok = (value > low if low_open else value >= low) and (
+      value < high if high_open else value <= high
+    )
+  if not ok:
+    if high == math.inf:
+      _fail(field, value, f'a number {">" if low_open else ">="} {low:g}')
+    lo = '(' if low_open else '['
+    hi = ')' if high_open else ']'
+    _fail(field, value, f'a number in {lo}{low:g}, {high:g}{hi}')
+
+
+def validate_data(dc: ml_collections.ConfigDict) -> None:
+  """Checks `config.data`.
+
+  Raises:
+    ValueError: the first invalid field, its value and what is valid.
+  """
+  check_choice('data.name', dc.name, data.DATASETS)
+  check_choice('data.image_dtype', dc.image_dtype, data.IMAGE_DTYPES)
+  check_choice(
+    'data.resize_method', dc.resize_method, preprocess.RESIZE_METHODS
+  )
+  if dc.name == 'digits':
+    for field in ('train_split', 'eval_split'):
+      check_choice(f'data.{field}', dc[field], data.split_names('digits'))
+  _int('data.image_size', dc.image_size, 1)
+  for field in ('crop_padding', 'num_workers', 'prefetch'):
+    _int(f'data.{field}', dc[field], 0)
+  for field in ('min_crop_area', 'eval_crop_fraction'):
+    _number(f'data.{field}', dc[field], 0.0, 1.0, low_open=True)
+  for field in ('color_jitter', 'lighting_std'):
+    _number(f'data.{field}', dc[field], 0.0)
+  if dc.name == 'imagenet2012':
+    # The jitter factors are 1 +- U(0, color_jitter).
+    _number('data.color_jitter', dc.color_jitter, 0.0, 1.0, high_open=True)
+
+
+def validate_model(mc: ml_collections.ConfigDict) -> None:
+  """Checks `config.model` (and that it builds a network)."""
+  check_choice('model.arch', mc.arch, models.ARCHS)
+  if mc.get('stage_sizes') is None:
+    valid = [d for d, s in models.STAGE_SIZES.items() if s is not None]
+    check_choice('model.depth', mc.depth, valid)
+  else:
+    sizes = tuple(mc.stage_sizes)
+    if not sizes or not all(_is_int(s) and s >= 1 for s in sizes):
+      _fail('model.stage_sizes', sizes, 'a non-empty tuple of integers >= 1')
+  _int('model.num_filters', mc.num_filters, 1)
+  check_choice('model.stem', mc.stem, models.STEMS)
+  check_choice('model.normalization', mc.normalization, models.NORMALIZATIONS)
+  check_choice(
+    'model.denoise_placement', mc.denoise_placement, models.DENOISE_PLACEMENTS
+  )
+  check_choice('model.denoise_op', mc.denoise_op, sorted(denoise.DENOISE_OPS))
+  check_choice(
+    'model.denoise_affinity', mc.denoise_affinity, denoise.AFFINITIES
+  )
+  if (
+    not _is_int(mc.denoise_size)
+    or mc.denoise_size < 1
+    or not mc.denoise_size % 2
+  ):
+    _fail('model.denoise_size', mc.denoise_size, 'an odd integer >= 1')
+  check_choice('model.dtype', mc.dtype, MODEL_DTYPES)
+  check_choice('model.conv_impl', mc.conv_impl, layers.CONV_IMPLS)
+  models.from_config(mc, num_classes=2)  # Unknown fields.
+
+
+def validate_attack(ac: ml_collections.ConfigDict, field: str = 'attack'):
+  """Checks an attack section (`config.attack`)."""
+  _int(f'{field}.num_steps', ac.num_steps, 0)
+  _number(f'{field}.epsilon', ac.epsilon, 0.0)
+  _number(f'{field}.step_size', ac.step_size, 0.0)
+  check_choice(f'{field}.norm', ac.norm, attacks.NORMS)
+  check_choice(f'{field}.loss', ac.loss, attacks.LOSSES)
+  _number(f'{field}.clean_start_prob', ac.clean_start_prob, 0.0, 1.0)
+
+
+def validate_train(tc: ml_collections.ConfigDict) -> None:
+  """Checks `config.train`."""
+  check_choice('train.parallel', tc.parallel, parallel.BACKENDS)
+  check_choice('train.lr_schedule', tc.lr_schedule, LR_SCHEDULES)
+  for name in (
+    'global_batch_size',
+    'log_every_steps',
+    'checkpoint_every_steps',
+    'max_checkpoints',
+  ):
+    _int(f'train.{name}', tc[name], 1)
+  if tc.num_steps != -1:
+    _int('train.num_steps', tc.num_steps, 1)  # -1: from num_epochs.
+  _number('train.num_epochs', tc.num_epochs, 0.0, low_open=True)
+  _number('train.base_lr', tc.base_lr, 0.0)
+  _number('train.adv_fraction', tc.adv_fraction, 0.0, 1.0)
+  _number('train.label_smoothing', tc.label_smoothing, 0.0, 1.0)
+  _number('train.weight_decay', tc.weight_decay, 0.0)
+  _number('train.warmup_epochs', tc.warmup_epochs, 0.0)
+
+
+def check_steps(field: str, steps: Any) -> tuple[int, ...]:
+  steps = tuple(steps or ())
+  if not all(_is_int(s) and s >= 1 for s in steps):
+    _fail(field, steps, 'a tuple of integers >= 1')
+  return tuple(int(s) for s in steps)
+
+
+def resolve_eval_config(
+  eval_config: ml_collections.ConfigDict | Mapping[str, Any] | None,
+) -> ml_collections.ConfigDict:
+  """`config.eval` with defaults (`EVAL_DEFAULTS`) filled in, checked.
+
+  Args:
+    eval_config: `config.eval`; missing fields take their defaults.
+
+  Returns:
+    A new `ConfigDict` with every field of `EVAL_DEFAULTS`.
+
+  Raises:
+    ValueError: an unknown field, or the first invalid one, with what is
+      valid.
+
+  Examples:
+    >>> ec = resolve_eval_config({'pgd_steps': (10,)})
+    >>> ec.pgd_steps, ec.restarts
+    ((10,), 1)
+    >>> resolve_eval_config({'restarts': 0})
+    Traceback (most recent call last):
+    ...
+    ValueError: eval.restarts=0 is not valid; valid: a positive integer.
+  """
+  given = eval_config or {}
+  if isinstance(given, ml_collections.ConfigDict):
+    given = given.to_dict()
+  unknown = sorted(set(given) - set(EVAL_DEFAULTS))
+  if unknown:
+    raise ValueError(
+      f'unknown eval config field(s) {unknown}; valid: {sorted(EVAL_DEFAULTS)}.'
+    )
+  c = ml_collections.ConfigDict(dict(EVAL_DEFAULTS, **given))
+  check_steps('eval.pgd_steps', c.pgd_steps)
+  check_steps('eval.untargeted_steps', c.untargeted_steps)
+  for field in (
+    'global_batch_size',
+    'restarts',
+    'sanity_num_examples',
+    'sanity_steps',
+  ):
+    _int(f'eval.{field}', c[field], 1)
+  if c.num_examples != -1:
+    _int('eval.num_examples', c.num_examples, 1)  # -1: the whole split.
+  for field in ('epsilon', 'step_size', 'sanity_large_epsilon'):
+    _number(f'eval.{field}', c[field], 0.0, low_open=True)
+  multiples = tuple(c.sanity_epsilon_multiples)
+  if not multiples or any(not m > 0 for m in multiples):
+    _fail(
+      'eval.sanity_epsilon_multiples',
+      multiples,
+      'a non-empty tuple of numbers > 0',
+    )
+  for field in ('sanity_tolerance', 'sanity_max_zero_gradient_fraction'):
+    _number(f'eval.{field}', c[field], 0.0, 1.0)
+  check_choice('eval.untargeted_loss', c.untargeted_loss, attacks.LOSSES)
+  channels = tuple(c.figure_channels)
+  if not all(_is_int(ch) and ch >= 0 for ch in channels):
+    _fail(
+      'eval.figure_channels',
+      channels,
+      'channel indices >= 0 (empty: the channel mean)',
+    )
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every section of a config before any work starts.
+
+  Args:
+    config: an fdjax config (`base_config()` and its overrides).
+
+  Raises:
+    ValueError: the first invalid field, its value and what is valid.
+
+  Examples:
+    >>> config = base_config()
+    >>> validate(config)
+    >>> config.attack.norm = 'l1'
+    >>> validate(config)
+    Traceback (most recent call last):
+    ...
+    ValueError: attack.norm='l1' is not valid; valid: ['linf', 'l2'].
+  """
+  validate_model(config.model)
+  validate_data(config.data)
+  validate_attack(config.attack)
+  validate_train(config.train)
+  resolve_eval_config(config.eval)
 
 
 def make_smoke_run(config: ml_collections.ConfigDict) -> None:

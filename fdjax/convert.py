@@ -24,31 +24,23 @@ from collections.abc import Mapping
 import re
 from typing import Any
 
+from absl import app
+from absl import flags
+from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdjax import checkpoints
 from fdjax import models
 
-# The original's model classes and the fdjax model settings they correspond
-# to (nets.py of the original release).
+# The original's model classes and the `fdjax.models.VARIANTS` suffix of
+# the network each builds (nets.py of the original release).
 ARCHS = {
-  'ResNet': dict(arch='resnet', denoise_placement='none'),
-  'ResNetDenoise': dict(
-    arch='resnet',
-    denoise_placement='stage',
-    denoise_op='non_local',
-    denoise_affinity='gaussian',
-    denoise_embed=True,
-  ),
-  'ResNeXtDenoiseAll': dict(
-    arch='resnext',
-    denoise_placement='all',
-    denoise_op='non_local',
-    denoise_affinity='dot_product',
-    denoise_embed=False,
-  ),
+  'ResNet': ('r', ''),
+  'ResNetDenoise': ('r', '_denoise'),
+  'ResNeXtDenoiseAll': ('x', '_denoise_all'),
 }
 
 _GROUP_BLOCK = re.compile(r'^group(\d+)_block(\d+)(_non_local)?$')
@@ -72,9 +64,9 @@ def model_settings(arch: str, depth: int, num_classes: int = 1000) -> dict:
     raise ValueError(
       f'arch={arch!r} is not valid; choose one of: {", ".join(ARCHS)}'
     )
+  prefix, suffix = ARCHS[arch]
   return dict(
-    ARCHS[arch],
-    depth=int(depth),
+    models.variant(f'{prefix}{int(depth)}{suffix}'),
     num_classes=int(num_classes),
     normalization='tensorpack',
   )
@@ -212,11 +204,6 @@ def load_tensorpack(
 
 def main(argv):
   del argv
-  from absl import flags
-  from absl import logging
-
-  from fdjax import checkpoints
-
   f = flags.FLAGS
   model, variables = load_tensorpack(f.npz, arch=f.arch, depth=f.depth)
   settings = model_settings(f.arch, f.depth, model.num_classes)
@@ -246,8 +233,7 @@ def main(argv):
 
 
 def _define_flags():
-  from absl import flags
-
+  # Defined only when run as a program: importing fdjax defines no flags.
   flags.DEFINE_string('npz', None, 'tensorpack npz file of the release.')
   flags.DEFINE_enum('arch', None, list(ARCHS), 'the original model class.')
   flags.DEFINE_integer('depth', None, 'network depth: 50, 101 or 152.')
@@ -259,7 +245,5 @@ def _define_flags():
 
 
 if __name__ == '__main__':
-  from absl import app
-
   _define_flags()
   app.run(main)

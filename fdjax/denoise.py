@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_AFFINITIES = ('gaussian', 'dot_product')
+AFFINITIES = ('gaussian', 'dot_product')
 
 # Dtypes for which `jax.nn.dot_product_attention` is used in the Gaussian
 # form. Its XLA path always runs the softmax in float32, which would throw
@@ -264,7 +264,7 @@ def non_local_means(
     (1, 2, 2, 3)
   """
   x = _as_nhwc(x, 'x')
-  if affinity not in _AFFINITIES:
+  if affinity not in AFFINITIES:
     raise ValueError(
       f"Unknown affinity {affinity!r}; valid: 'gaussian', 'dot_product'."
     )

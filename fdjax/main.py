@@ -20,7 +20,13 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
+
+from fdjax import evaluate
+from fdjax import predict
+from fdjax import results
+from fdjax import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -39,6 +45,12 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_string('image_dir', None, '--mode=predict: images to classify.')
 flags.DEFINE_string('output_csv', None, '--mode=predict: the CSV to write.')
+flags.DEFINE_string(
+  'eval_dir',
+  None,
+  '--mode=eval: write results here instead of WORKDIR/eval/<name>/ (e.g. '
+  'for a read-only or shared model directory).',
+)
 flags.DEFINE_enum(
   'distributed',
   'off',
@@ -62,8 +74,6 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def _init_distributed():
-  import jax
-
   if FLAGS.distributed == 'auto':
     jax.distributed.initialize()
   elif FLAGS.distributed == 'explicit':
@@ -97,11 +107,6 @@ def main(argv):
     pass
   logging.get_absl_handler().addFilter(_QuietLibraries())
   _init_distributed()
-  import jax
-
-  from fdjax import evaluate
-  from fdjax import train
-
   logging.info(
     'JAX process %d/%d, local devices %s',
     jax.process_index(),
@@ -112,13 +117,19 @@ def main(argv):
   if FLAGS.mode == 'train':
     train.train_and_evaluate(config, FLAGS.workdir)
   elif FLAGS.mode == 'eval':
-    evaluate.run(config, FLAGS.workdir)
+    out = evaluate.run(config, FLAGS.workdir, eval_dir=FLAGS.eval_dir)
+    if jax.process_index() == 0:
+      print(results.format_table(out))
+      for name, path in sorted(out.get('files', {}).items()):
+        print(f'{name}: {path}')
   else:
     if not FLAGS.image_dir or not FLAGS.output_csv:
       raise app.UsageError('--mode=predict needs --image_dir and --output_csv')
-    evaluate.run_predict(
+    out = predict.run_predict(
       config, FLAGS.workdir, FLAGS.image_dir, FLAGS.output_csv
     )
+    if jax.process_index() == 0:
+      print(f'wrote {len(out)} predictions to {FLAGS.output_csv}')
 
 
 if __name__ == '__main__':

@@ -1,6 +1,6 @@
 """Adversarial training: the data-parallel train step and the training loop.
 
-The train step follows the paper (SPEC.md section 5): every device attacks
+The train step follows the paper (docs/protocol.md): every device attacks
 its own shard with targeted L-inf PGD (BatchNorm frozen during the attack, a
 clean start with probability 0.2 per device batch), then trains on the
 adversarial batch with cross-entropy (label smoothing 0.1) plus weight decay
@@ -30,13 +30,16 @@ import optax
 
 from fdjax import attacks
 from fdjax import checkpoints
+from fdjax import config_base
+from fdjax import data
+from fdjax import evaluate
 from fdjax import input_pipeline
 from fdjax import models
 from fdjax import parallel
+from fdjax import preprocess
 from fdjax import writers
 
 P = jax.sharding.PartitionSpec
-LR_SCHEDULES = ('step', 'cosine')
 
 
 @flax.struct.dataclass
@@ -52,24 +55,6 @@ class TrainState:
   @property
   def variables(self):
     return {'params': self.params, 'batch_stats': self.batch_stats}
-
-
-def model_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """`models.create_model` kwargs from a config's `model` section."""
-  kwargs = dict(model_config.to_dict() if model_config else {})
-  if kwargs.pop('sync_batch_stats', False):
-    kwargs['bn_axis_name'] = parallel.AXIS
-  if kwargs.get('stage_sizes') is None:
-    kwargs.pop('stage_sizes', None)
-  return kwargs
-
-
-def create_model(
-  model_config: ml_collections.ConfigDict, num_classes: int
-) -> models.ResNet:
-  return models.create_model(
-    num_classes=num_classes, **model_kwargs(model_config)
-  )
 
 
 def create_learning_rate_fn(
@@ -88,11 +73,9 @@ def create_learning_rate_fn(
     ValueError: an unknown schedule.
   """
   tc = train_config
-  if tc.lr_schedule not in LR_SCHEDULES:
-    raise ValueError(
-      f'train.lr_schedule={tc.lr_schedule!r} is not valid; choose one '
-      f'of: {", ".join(LR_SCHEDULES)}'
-    )
+  config_base.check_choice(
+    'train.lr_schedule', tc.lr_schedule, config_base.LR_SCHEDULES
+  )
   peak = tc.base_lr * tc.global_batch_size / 256
   total = total_steps(tc, steps_per_epoch)
   warmup = int(round(tc.warmup_epochs * steps_per_epoch))
@@ -168,8 +151,12 @@ def train_step(
   tx: optax.GradientTransformation,
   learning_rate_fn: optax.Schedule,
   num_classes: int,
-  attack_config: ml_collections.ConfigDict,
-  train_config: ml_collections.ConfigDict,
+  attack: attacks.PGDAttack | None,
+  clean_start_prob: float = 0.2,
+  label_smoothing: float = 0.1,
+  weight_decay: float = 1e-4,
+  adv_fraction: float = 1.0,
+  log_clean_accuracy: bool = True,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One adversarial training step on one device's shard (per-device code).
 
@@ -182,21 +169,24 @@ def train_step(
     model: the network.
     tx: the optimizer.
     learning_rate_fn: for the logged learning rate.
-    num_classes: classifier outputs (for random targets).
-    attack_config: the config's `attack` section (static).
-    train_config: the config's `train` section (static).
+    num_classes: classifier outputs.
+    attack: the training attack (`fdjax.attacks.from_config`), or None to
+      train on clean images.
+    clean_start_prob: probability of a clean start, one coin per device
+      batch and step (the original's 0.2).
+    label_smoothing: of the training cross-entropy.
+    weight_decay: times sum(w^2) / 2 over conv and linear kernels.
+    adv_fraction: the fraction of each device batch that is adversarial.
+    log_clean_accuracy: also measure clean accuracy (an extra forward pass).
 
   Returns:
     The new state and a dict of metrics summed over devices (`count` holds
     the number of examples, so `metric / count` are means).
   """
-  ac, tc = attack_config, train_config
-  images = batch['image']
-  if images.dtype == jnp.uint8:
-    images = images.astype(jnp.float32) / 255.0
+  images = preprocess.to_unit_float(batch['image'])
   labels = batch['label']
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  attack_key, target_key, coin_key = jax.random.split(key, 3)
+  attack_key, coin_key = jax.random.split(key)
   device_index = jax.lax.axis_index(parallel.AXIS)
 
   # The attack sees the model in inference mode: moving BN statistics, no
@@ -204,35 +194,20 @@ def train_step(
   def logits_fn(x):
     return model.apply(state.variables, x, train=False)
 
-  if ac.num_steps > 0:
-    if ac.targeted:
-      attack_labels = attacks.random_targets(
-        target_key, labels, num_classes, example_ids=batch['index']
-      )
-      step_size = attacks.paper_step_size(
-        ac.epsilon, ac.step_size, ac.num_steps
-      )
-    else:
-      attack_labels, step_size = labels, ac.step_size
+  if attack is not None:
     random_start = attacks.clean_start_coin(
-      coin_key, ac.clean_start_prob, device_index
+      coin_key, clean_start_prob, device_index
     )
-    adv = attacks.pgd(
+    adv, attack_labels = attack(
       logits_fn,
       attack_key,
       images,
-      attack_labels,
-      epsilon=ac.epsilon,
-      step_size=step_size,
-      num_steps=ac.num_steps,
-      targeted=ac.targeted,
-      norm=ac.norm,
-      loss=ac.loss,
-      random_start=random_start,
+      labels,
       example_ids=batch['index'],
+      random_start=random_start,
     )
-    if tc.adv_fraction < 1.0:
-      num_adv = int(round(tc.adv_fraction * images.shape[0]))
+    if adv_fraction < 1.0:
+      num_adv = int(round(adv_fraction * images.shape[0]))
       keep = (jnp.arange(images.shape[0]) < num_adv)[:, None, None, None]
       adv = jnp.where(keep, adv, images)
   else:
@@ -246,9 +221,9 @@ def train_step(
       mutable=['batch_stats'],
     )
     one_hot = jax.nn.one_hot(labels, num_classes)
-    targets = optax.smooth_labels(one_hot, tc.label_smoothing)
+    targets = optax.smooth_labels(one_hot, label_smoothing)
     xent = optax.softmax_cross_entropy(logits, targets).mean()
-    loss = xent + tc.weight_decay * weight_decay_loss(params)
+    loss = xent + weight_decay * weight_decay_loss(params)
     return loss, (logits, new_model_state['batch_stats'], xent)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -268,11 +243,11 @@ def train_step(
     'xent': xent * count,
     'adv_accuracy': jnp.sum(pred == labels).astype(jnp.float32),
   }
-  if ac.num_steps > 0 and ac.targeted:
+  if attack is not None and attack.targeted:
     metrics['attack_success'] = jnp.sum(pred == attack_labels).astype(
       jnp.float32
     )
-  if tc.log_clean_accuracy and ac.num_steps > 0:
+  if log_clean_accuracy and attack is not None:
     clean_pred = jnp.argmax(logits_fn(images), -1)
     metrics['clean_accuracy'] = jnp.sum(clean_pred == labels).astype(
       jnp.float32
@@ -294,17 +269,14 @@ def make_train_step(
   mesh: jax.sharding.Mesh, backend: str, **step_kwargs
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, Any]]:
   """The compiled data-parallel train step of global state and batch."""
-  per_device = functools.partial(train_step, **step_kwargs)
-  step = parallel.data_parallel(
-    per_device,
+  return parallel.jit_data_parallel(
+    functools.partial(train_step, **step_kwargs),
     mesh=mesh,
     in_specs=(P(), P(parallel.AXIS)),
     out_specs=(P(), P()),
     backend=backend,
+    donate_argnums=0,
   )
-  if backend == 'shard_map':
-    return jax.jit(step, donate_argnums=0)
-  return step
 
 
 def parameter_overview(params: Any) -> str:
@@ -319,61 +291,6 @@ def parameter_overview(params: Any) -> str:
   lines += [f'{n:<{width}}  {c:>12,}' for n, c in rows]
   lines.append(f'{"total":<{width}}  {total:>12,}')
   return '\n'.join(lines)
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Fails early, with the valid choices, on invalid settings."""
-
-  def choice(name, value, valid):
-    if value not in valid:
-      raise ValueError(
-        f'{name}={value!r} is not valid; choose one of: '
-        + ', '.join(repr(v) for v in valid)
-      )
-
-  choice('train.parallel', config.train.parallel, parallel.BACKENDS)
-  choice('train.lr_schedule', config.train.lr_schedule, LR_SCHEDULES)
-  choice('attack.norm', config.attack.norm, attacks.NORMS)
-  choice('attack.loss', config.attack.loss, attacks.LOSSES)
-  for name in (
-    'global_batch_size',
-    'log_every_steps',
-    'checkpoint_every_steps',
-  ):
-    if config.train[name] <= 0:
-      raise ValueError(
-        f'train.{name} must be positive, got {config.train[name]}'
-      )
-  if config.attack.num_steps < 0 or config.attack.epsilon < 0:
-    raise ValueError('attack.num_steps and attack.epsilon must be >= 0')
-  if not 0.0 <= config.attack.clean_start_prob <= 1.0:
-    raise ValueError(
-      'attack.clean_start_prob must be in [0, 1], got '
-      f'{config.attack.clean_start_prob}'
-    )
-  if not 0.0 <= config.train.adv_fraction <= 1.0:
-    raise ValueError(
-      f'train.adv_fraction must be in [0, 1], got {config.train.adv_fraction}'
-    )
-  # Model options: building the (unbound) module checks names and choices.
-  model = create_model(config.model, num_classes=2)
-  models._check_choice('model.stem', model.stem, models.STEMS)
-  models._check_choice(
-    'model.normalization', model.normalization, models.NORMALIZATIONS
-  )
-  models._check_choice(
-    'model.denoise_placement',
-    model.denoise_placement,
-    models.DENOISE_PLACEMENTS,
-  )
-  if model.denoise_placement != 'none':
-    from fdjax import denoise
-
-    denoise.get(model.denoise_op)
-  # The evaluation that follows training: fail now, not after training.
-  from fdjax import evaluate
-
-  evaluate.resolve_eval_config(config.eval)
 
 
 def _global_batch(batch, mesh, backend):
@@ -416,9 +333,6 @@ def train_and_evaluate(
       the last good checkpoint).
   """
   model, state, mesh, last = train(config, workdir, train_source=train_source)
-
-  from fdjax import evaluate  # Evaluation imports plotting; keep it lazy.
-
   variables = jax.device_get(state.variables)
   results = evaluate.evaluate(
     model,
@@ -457,7 +371,7 @@ def train(
     FloatingPointError: a non-finite loss (the message names the step and
       the last good checkpoint).
   """
-  validate_config(config)
+  config_base.validate(config)
   tc = config.train
   backend = tc.parallel
   if backend == 'pmap' and jax.process_count() > 1:
@@ -470,13 +384,15 @@ def train(
   parallel.check_divisible(tc.global_batch_size, len(devices))
   process_index, process_count = jax.process_index(), jax.process_count()
 
-  info = input_pipeline.dataset_info(config.data)
+  info = data.dataset_info(config.data)
   if train_source is not None:
     info = info._replace(num_train=len(train_source))
   num_classes = info.num_classes
   steps_per_epoch = max(info.num_train // tc.global_batch_size, 1)
   num_steps = total_steps(tc, steps_per_epoch)
-  model = create_model(config.model, num_classes)
+  model = models.from_config(
+    config.model, num_classes, bn_axis_name=parallel.AXIS
+  )
   learning_rate_fn = create_learning_rate_fn(tc, steps_per_epoch)
   tx = create_optimizer(tc, learning_rate_fn)
 
@@ -501,7 +417,7 @@ def train(
     'Parameters:\n%s', parameter_overview(jax.device_get(state.params))
   )
   manager = checkpoints.create_manager(workdir, max_to_keep=tc.max_checkpoints)
-  meta = {'model': model_kwargs_for_meta(config, num_classes)}
+  meta = {'model': models.model_kwargs(config.model, num_classes)}
   if manager.latest_step() is not None:
     abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
@@ -518,8 +434,12 @@ def train(
     tx=tx,
     learning_rate_fn=learning_rate_fn,
     num_classes=num_classes,
-    attack_config=config.attack,
-    train_config=tc,
+    attack=attacks.from_config(config.attack, num_classes),
+    clean_start_prob=float(config.attack.clean_start_prob),
+    label_smoothing=float(tc.label_smoothing),
+    weight_decay=float(tc.weight_decay),
+    adv_fraction=float(tc.adv_fraction),
+    log_clean_accuracy=bool(tc.log_clean_accuracy),
   )
   writer = writers.MetricWriter(workdir, enabled=is_main)
   train_iter = input_pipeline.create_train_iter(
@@ -584,7 +504,6 @@ def train(
       last['images_per_s'] = images_per_s
       last['epoch'] = done / steps_per_epoch
       writer.write_scalars(done, last)
-      eta = (num_steps - done) * elapsed / max(done - timer_step, 1)
       logging.info(
         'step %d/%d  loss %.4f  adv_acc %.3f  %s%.1f img/s  ETA %s',
         done,
@@ -595,7 +514,7 @@ def train(
         if 'clean_accuracy' in last
         else '',
         images_per_s,
-        _format_seconds(eta),
+        writers.eta(done, num_steps, timer_step, elapsed),
       )
       timer_step, timer_start = done, time.perf_counter()
   manager.wait_until_finished()
@@ -604,16 +523,6 @@ def train(
 
   writer.close()
   return model, state, mesh, last
-
-
-def model_kwargs_for_meta(config, num_classes: int) -> dict[str, Any]:
-  """The model settings stored with checkpoints (JSON-able)."""
-  kwargs = model_kwargs(config.model)
-  kwargs.pop('bn_axis_name', None)
-  kwargs['num_classes'] = num_classes
-  if 'stage_sizes' in kwargs:
-    kwargs['stage_sizes'] = list(kwargs['stage_sizes'])
-  return kwargs
 
 
 def summarize(history: list[dict[str, Any]]) -> dict[str, float]:
@@ -628,8 +537,3 @@ def summarize(history: list[dict[str, Any]]) -> dict[str, float]:
     else:
       out[key] = sum(float(m[key]) for m in history) / count
   return out
-
-
-def _format_seconds(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'

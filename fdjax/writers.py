@@ -56,3 +56,33 @@ class MetricWriter:
       self._tb.close()
       self._jsonl.close()
       self._jsonl = None
+
+
+def format_duration(seconds: float) -> str:
+  """``H:MM:SS`` for progress lines ('?' when unknown).
+
+  Examples:
+    >>> format_duration(3725.4), format_duration(float('nan'))
+    ('1:02:05', '?')
+  """
+  if not np.isfinite(seconds):
+    return '?'
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def eta(done: int, total: int, start_done: int, elapsed: float) -> str:
+  """Remaining time from the rate since a start point, as `format_duration`.
+
+  Args:
+    done: units done so far (steps, examples).
+    total: units in all.
+    start_done: units already done when the clock started.
+    elapsed: seconds since the clock started.
+
+  Examples:
+    >>> eta(30, 100, 10, 20.0)
+    '0:01:10'
+  """
+  rate = (done - start_done) / elapsed if elapsed > 0 else 0.0
+  return format_duration((total - done) / rate if rate > 0 else float('nan'))

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from fdjax import train
+from fdjax import config_base
+from fdjax import models
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs')
 
@@ -20,7 +21,7 @@ def load(name):
 
 
 def _variants():
-  imagenet = sorted(load('imagenet').VARIANTS)
+  imagenet = sorted(models.VARIANTS)
   yield 'default', None
   yield 'default', 'small'
   for arg in (None, 'small', 'targeted', 'small,targeted'):
@@ -33,7 +34,7 @@ def _variants():
 @pytest.mark.parametrize('name,arg', list(_variants()))
 def test_config_loads_and_validates(name, arg):
   config = load(name).get_config(arg)
-  train.validate_config(config)
+  config_base.validate(config)
   config.to_json()  # Strings and numbers only: saved beside checkpoints.
   if arg and 'small' in arg:
     assert config.train.num_steps > 0 and config.train.global_batch_size <= 16

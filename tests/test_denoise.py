@@ -201,7 +201,7 @@ def test_non_local_shapes_cover_both_associations():
     for (_, h, w, c), d in NON_LOCAL_SETTINGS
   }
   assert chosen == {'pairwise', 'channel'}
-  # The SPEC's rule for D == C: theta (phi^T x) exactly when C <= H*W.
+  # The original's rule for D == C: theta (phi^T x) exactly when C <= H*W.
   assert denoise._cheaper_association(16, 16, 16) == 'channel'
   assert denoise._cheaper_association(16, 17, 17) == 'pairwise'
   # Embedded (D = C/2) at res5 of a 224 ResNet: 7x7 positions, C = 2048.

@@ -10,6 +10,7 @@ import functools
 import json
 import os
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,10 +22,14 @@ from sklearn.linear_model import LogisticRegression
 
 from fdjax import attacks
 from fdjax import checkpoints
+from fdjax import config_base
+from fdjax import data
 from fdjax import evaluate
-from fdjax import input_pipeline
 from fdjax import models
 from fdjax import parallel
+from fdjax import predict
+from fdjax import preprocess
+from fdjax import results
 
 NUM_EXAMPLES = 40
 BATCH = 16  # 3 global batches of 16 (the last one padded) on 8 devices.
@@ -47,7 +52,7 @@ class Linear(nn.Module):
 
 
 def data_config():
-  dc = input_pipeline.default_data_config('digits')
+  dc = data.default_data_config('digits')
   dc.num_workers = 0  # Build batches in the caller: deterministic access.
   dc.prefetch = 0
   return dc
@@ -57,8 +62,8 @@ def data_config():
 def digits():
   """(train images, train labels, test images, test labels), float32."""
   dc = data_config()
-  tr = input_pipeline.get_source(dc, 'train')
-  te = input_pipeline.get_source(dc, 'test')
+  tr = data.get_source(dc, 'train')
+  te = data.get_source(dc, 'test')
 
   def arrays(src, n):
     images = np.stack([src[i]['image'] for i in range(n)])
@@ -92,7 +97,7 @@ def linear_variables():
 
 def source():
   _, _, images, labels = digits()
-  return input_pipeline.ArraySource(images, labels)
+  return data.ArraySource(images, labels)
 
 
 def make_config(**eval_fields):
@@ -170,8 +175,8 @@ def test_results_structure_json_and_table(tmp_path):
   robust = np.all([npz[f'{n}.correct'] for n in r['attacks']], axis=0)
   assert aon['correct'] == robust.sum()
   assert aon['accuracy'] <= min(a['accuracy'] for a in r['attacks'].values())
-  assert r['sanity']['status'] == 'PASS', evaluate.format_table(r)
-  table = evaluate.format_table(r)
+  assert r['sanity']['status'] == 'PASS', results.format_table(r)
+  table = results.format_table(r)
   header = table.splitlines()[0]
   for title in (
     'model',
@@ -187,26 +192,22 @@ def test_results_structure_json_and_table(tmp_path):
   assert 'sanity checks of linear (first 16 examples): PASS' in table
 
 
-def test_step_sweep_and_sanity_compile_once():
-  evaluate._FN_CACHE.clear()
-  evaluate._TRACES.clear()
+def test_step_sweep_and_sanity_compile_once(monkeypatch):
+  # Each per-device function may be traced once in all: a second step
+  # sweep, other epsilons and a second evaluation reuse the compiled code.
+  evaluate._compiled_cached.cache_clear()
+  for name, n in (('_predict', 1), ('_input_grads', 1), ('_attack', 2)):
+    fn = chex.assert_max_traces(getattr(evaluate, name), n=n)
+    monkeypatch.setattr(evaluate, name, fn)
   config = make_config(
     pgd_steps=(1, 2, 3), untargeted_steps=(1, 3), restarts=2, sanity=True
   )
   evaluate.evaluate(Linear(), linear_variables(), config, source=source())
-  assert dict(evaluate._TRACES) == {
-    'predict': 1,
-    'input_grads': 1,
-    'targeted': 1,
-    'untargeted': 1,
-  }
-  # Other epsilons and step counts reuse the compiled functions.
   config = make_config(
     pgd_steps=(5,), epsilon=0.1, untargeted_steps=(2,), sanity=True
   )
   evaluate.evaluate(Linear(), linear_variables(), config, source=source())
-  assert evaluate._TRACES['targeted'] == 1
-  assert evaluate._TRACES['untargeted'] == 1
+  evaluate._compiled_cached.cache_clear()
 
 
 def linear_logits_fn(x):
@@ -316,7 +317,7 @@ def test_restarts_never_increase_accuracy(tmp_path):
     assert r['all_or_nothing']['accuracy'] <= min(accs)
 
 
-class RecordingSource(input_pipeline.ArraySource):
+class RecordingSource(data.ArraySource):
   """Records the examples read; optionally fails at one index."""
 
   def __init__(self, fail_at=None):
@@ -402,7 +403,7 @@ def test_sanity_checks_flag_masked_model():
   assert grads['status'] == 'WARN'
   assert grads['zero_fraction'] == 1.0
   assert s['checks']['large_epsilon_breaks_model']['status'] == 'WARN'
-  assert '[WARN] input_gradients' in evaluate.format_table(r)
+  assert '[WARN] input_gradients' in results.format_table(r)
 
 
 def test_sanity_checks_pass_normal_model_with_numbers():
@@ -427,11 +428,11 @@ def test_sanity_checks_pass_normal_model_with_numbers():
 
 def test_invalid_configs_fail_clearly():
   with pytest.raises(ValueError, match='pgd_steps'):
-    evaluate.resolve_eval_config({'pgd_steps': (0, 10)})
+    config_base.resolve_eval_config({'pgd_steps': (0, 10)})
   with pytest.raises(ValueError, match='unknown eval config field'):
-    evaluate.resolve_eval_config({'pgd_stpes': (10,)})
+    config_base.resolve_eval_config({'pgd_stpes': (10,)})
   with pytest.raises(ValueError, match='untargeted_loss'):
-    evaluate.resolve_eval_config({'untargeted_loss': 'hinge'})
+    config_base.resolve_eval_config({'untargeted_loss': 'hinge'})
   with pytest.raises(ValueError, match='eval.global_batch_size 12'):
     evaluate.evaluate(
       Linear(),
@@ -467,7 +468,7 @@ def test_format_table_several_models():
       'all_or_nothing': {'accuracy': min(accs.values())},
     }
 
-  table = evaluate.format_table(
+  table = results.format_table(
     [result('a', {10: 0.5, 100: 0.4}), result('b', {10: 0.6})]
   )
   lines = table.splitlines()
@@ -496,7 +497,7 @@ def write_pngs(directory, n=5):
 def test_predict_directory_matches_direct_predictions(tmp_path):
   names = write_pngs(tmp_path / 'imgs')
   out_csv = tmp_path / 'out' / 'predictions.csv'
-  pred = evaluate.predict_directory(
+  pred = predict.predict_directory(
     Linear(),
     linear_variables(),
     str(tmp_path / 'imgs'),
@@ -504,12 +505,12 @@ def test_predict_directory_matches_direct_predictions(tmp_path):
     image_size=8,
     batch_size=3,
   )
-  dc = input_pipeline.default_data_config('imagenet2012')
+  dc = data.default_data_config('imagenet2012')
   dc.image_size = 8
   expected = {}
   for name in names:
     with Image.open(tmp_path / 'imgs' / name) as im:
-      x = input_pipeline.preprocess_eval(dc, np.asarray(im.convert('RGB')))
+      x = preprocess.preprocess_eval(dc, np.asarray(im.convert('RGB')))
     logits = reference_logits(x[None].astype(np.float64) / 255.0)
     expected[name] = int(np.argmax(logits))
   assert pred == expected
@@ -517,7 +518,7 @@ def test_predict_directory_matches_direct_predictions(tmp_path):
     lines = f.read().splitlines()
   assert lines == [f'{n},{expected[n]}' for n in names]
   with pytest.raises(ValueError, match='no image files'):
-    evaluate.predict_directory(
+    predict.predict_directory(
       Linear(), linear_variables(), str(tmp_path / 'out'), str(out_csv)
     )
 
@@ -549,7 +550,7 @@ def tiny_denoise_checkpoint(workdir):
   return model, variables
 
 
-def test_run_on_checkpoint_writes_table_and_figures(tmp_path, capsys):
+def test_run_on_checkpoint_writes_table_and_figures(tmp_path):
   workdir = str(tmp_path / 'tiny')
   model, variables = tiny_denoise_checkpoint(workdir)
   config = make_config(
@@ -561,14 +562,14 @@ def test_run_on_checkpoint_writes_table_and_figures(tmp_path, capsys):
   )
   config.model = ml_collections.ConfigDict({'depth': 999})  # Meta wins.
   r = evaluate.run(config, workdir)
-  printed = capsys.readouterr().out
+  printed = results.format_table(r)
   assert printed.splitlines()[0].startswith('| model | clean | 2-step PGD')
   assert '| tiny |' in printed
   assert r['checkpoint_step'] == 7
   assert r['model'] == 'tiny'
   for name in ('accuracy_vs_steps', 'feature_maps'):
     path = r['files'][name]
-    assert path in printed
+    assert os.path.dirname(path) == os.path.join(workdir, 'eval', 'digits_test')
     with Image.open(path) as im:
       assert im.format == 'PNG' and min(im.size) > 100
       assert np.asarray(im.convert('L')).std() > 5  # Not a blank image.
@@ -576,14 +577,14 @@ def test_run_on_checkpoint_writes_table_and_figures(tmp_path, capsys):
     assert json.load(f)['checkpoint_step'] == 7
   # The restored model computes what the saved one did.
   dc = data_config()
-  x = input_pipeline.get_source(dc, 'test')[0]['image'][None]
-  restored, restored_vars, _, _ = evaluate.load_model(config, workdir)
+  x = data.get_source(dc, 'test')[0]['image'][None]
+  restored, restored_vars, _, _ = checkpoints.load_model(config, workdir)
   np.testing.assert_allclose(
     restored.apply(restored_vars, x), model.apply(variables, x), rtol=1e-5
   )
   # Directory mode from the same checkpoint.
   names = write_pngs(tmp_path / 'imgs', n=3)
-  out = evaluate.run_predict(
+  out = predict.run_predict(
     config, workdir, str(tmp_path / 'imgs'), str(tmp_path / 'p.csv')
   )
   assert sorted(out) == names

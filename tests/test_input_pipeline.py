@@ -12,7 +12,10 @@ from PIL import Image
 import pytest
 from sklearn.datasets import load_digits
 
+from fdjax import config_base
+from fdjax import data
 from fdjax import input_pipeline as ip
+from fdjax import preprocess
 
 
 def _take(it, n):
@@ -31,11 +34,11 @@ def _random_source(n, size=6, seed=0):
   """n random uint8 images; label i identifies example i."""
   rng = np.random.default_rng(seed)
   images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-  return ip.ArraySource(images, np.arange(n))
+  return data.ArraySource(images, np.arange(n))
 
 
 def _small_config(image_size=6, **overrides):
-  cfg = ip.default_data_config('cifar10')
+  cfg = data.default_data_config('cifar10')
   cfg.image_size = image_size
   cfg.crop_padding = 2
   cfg.num_workers = 2
@@ -186,7 +189,7 @@ def test_augmentation_is_a_function_of_seed_and_position():
   )
   for b in batches:
     for image, label, position in zip(b['image'], b['label'], b['index']):
-      expected = ip.preprocess_train(
+      expected = preprocess.preprocess_train(
         cfg,
         src[int(label)]['image'],
         np.random.default_rng((seed, int(position))),
@@ -328,24 +331,26 @@ def test_bad_batch_and_process_arguments_raise():
   ],
 )
 def test_bad_config_values_raise(field, value, message):
-  cfg = ip.default_data_config('digits')
+  cfg = data.default_data_config('digits')
   cfg[field] = value
   with pytest.raises(ValueError, match=re.escape(message)):
-    ip.dataset_info(cfg)
+    config_base.validate_data(cfg)
+  with pytest.raises(ValueError, match=re.escape(message)):  # At the start.
+    ip.create_eval_iter(cfg, global_batch_size=8, num_examples=8)
 
 
 def test_default_config_unknown_name_and_get_source_split():
   with pytest.raises(ValueError, match='imagenet2012'):
-    ip.default_data_config('imagenet')
+    data.default_data_config('imagenet')
   with pytest.raises(ValueError, match=r"valid: \['train', 'test'\]"):
-    ip.get_source(ip.default_data_config('digits'), 'validation')
+    data.get_source(data.default_data_config('digits'), 'validation')
 
 
 def test_array_source_validates():
   with pytest.raises(ValueError, match='same length'):
-    ip.ArraySource(np.zeros((3, 2, 2, 3)), [0, 1])
+    data.ArraySource(np.zeros((3, 2, 2, 3)), [0, 1])
   with pytest.raises(ValueError, match='integers'):
-    ip.ArraySource(np.zeros((2, 2, 2, 3)), [0.5, 1.0])
+    data.ArraySource(np.zeros((2, 2, 2, 3)), [0.5, 1.0])
 
 
 # --------------------------------------------------------------------------
@@ -354,10 +359,10 @@ def test_array_source_validates():
 
 
 def test_digits_default_loads_real_data_split_1500_297():
-  cfg = ip.default_data_config()
+  cfg = data.default_data_config()
   assert cfg.name == 'digits'
-  train = ip.get_source(cfg, 'train')
-  test = ip.get_source(cfg, 'test')
+  train = data.get_source(cfg, 'train')
+  test = data.get_source(cfg, 'test')
   assert (len(train), len(test)) == (1500, 297)
   pairs = [
     (t[i]['image'], t[i]['label']) for t in (train, test) for i in range(len(t))
@@ -373,12 +378,12 @@ def test_digits_default_loads_real_data_split_1500_297():
   theirs = sorted(key(im / 16, lab) for im, lab in zip(ref.images, ref.target))
   assert ours == theirs
   assert set(labels[1500:]) == set(range(10))  # every class in the test split
-  info = ip.dataset_info(cfg)
-  assert info == ip.DatasetInfo(10, (8, 8, 3), 1500, 297)
+  info = data.dataset_info(cfg)
+  assert info == data.DatasetInfo(10, (8, 8, 3), 1500, 297)
 
 
 def test_digits_resized_and_uint8():
-  cfg = ip.default_data_config('digits')
+  cfg = data.default_data_config('digits')
   cfg.image_size = 16
   cfg.image_dtype = 'uint8'
   (b,) = _take(
@@ -389,11 +394,11 @@ def test_digits_resized_and_uint8():
   )
   assert b['image'].shape == (8, 16, 16, 3) and b['image'].dtype == np.uint8
   assert b['image'].max() > 200  # [0, 255] scale, not [0, 1]
-  assert ip.dataset_info(cfg).image_shape == (16, 16, 3)
+  assert data.dataset_info(cfg).image_shape == (16, 16, 3)
 
 
 def test_digits_augmentation_translates_and_never_flips():
-  cfg = ip.default_data_config('digits')
+  cfg = data.default_data_config('digits')
   image = np.random.default_rng(0).uniform(0.1, 1.0, (8, 8, 3))
   image = image.astype(np.float32)
   padded = np.pad(image, ((1, 1), (1, 1), (0, 0)))
@@ -404,7 +409,9 @@ def test_digits_augmentation_translates_and_never_flips():
   }
   used = set()
   for position in range(40):
-    out = ip.preprocess_train(cfg, image, np.random.default_rng((0, position)))
+    out = preprocess.preprocess_train(
+      cfg, image, np.random.default_rng((0, position))
+    )
     assert out.shape == (8, 8, 3) and out.dtype == np.float32
     assert 0.0 <= out.min() and out.max() <= 1.0
     match = [s for s, v in shifts.items() if np.array_equal(out, v)]
@@ -418,7 +425,9 @@ def test_cifar_flip_happens_half_the_time():
   image = np.random.default_rng(1).integers(0, 256, (6, 6, 3), dtype=np.uint8)
   flips = 0
   for position in range(200):
-    out = ip.preprocess_train(cfg, image, np.random.default_rng((0, position)))
+    out = preprocess.preprocess_train(
+      cfg, image, np.random.default_rng((0, position))
+    )
     if np.allclose(out, image[:, ::-1] / 255.0):
       flips += 1
     else:
@@ -427,19 +436,21 @@ def test_cifar_flip_happens_half_the_time():
 
 
 def test_tfds_datasets_without_data(tmp_path):
-  cfg = ip.default_data_config('cifar10')
+  cfg = data.default_data_config('cifar10')
   cfg.data_dir = str(tmp_path)
-  assert ip.dataset_info(cfg) == ip.DatasetInfo(10, (32, 32, 3), 50000, 10000)
-  cfg = ip.default_data_config('imagenet2012')
+  assert data.dataset_info(cfg) == data.DatasetInfo(
+    10, (32, 32, 3), 50000, 10000
+  )
+  cfg = data.default_data_config('imagenet2012')
   cfg.data_dir = str(tmp_path)
-  assert ip.dataset_info(cfg) == ip.DatasetInfo(
+  assert data.dataset_info(cfg) == data.DatasetInfo(
     1000, (224, 224, 3), 1281167, 50000
   )
   with pytest.raises(FileNotFoundError, match='tfds build imagenet2012'):
-    ip.get_source(cfg, 'validation')
+    data.get_source(cfg, 'validation')
   cfg.train_split = 'train[:10%]'
   with pytest.raises(ValueError, match='not prepared'):
-    ip.dataset_info(cfg)
+    data.dataset_info(cfg)
 
 
 # --------------------------------------------------------------------------
@@ -448,7 +459,7 @@ def test_tfds_datasets_without_data(tmp_path):
 
 
 def _imagenet_config(image_size=32):
-  cfg = ip.default_data_config('imagenet2012')
+  cfg = data.default_data_config('imagenet2012')
   cfg.image_size = image_size
   cfg.num_workers = 2
   return cfg
@@ -471,7 +482,7 @@ def test_imagenet_pipeline_on_fake_tfds_source():
   got = np.concatenate([e['image'] for e in evals])[:10]
   for i in range(10):
     np.testing.assert_array_equal(
-      got[i], ip.preprocess_eval(cfg, src[i]['image'])
+      got[i], preprocess.preprocess_eval(cfg, src[i]['image'])
     )
   np.testing.assert_array_equal(
     np.concatenate([e['label'] for e in evals])[:10],
@@ -483,7 +494,7 @@ def test_imagenet_pipeline_on_fake_tfds_source():
 
 def test_imagenet_train_crops_differ_by_position_not_by_call():
   image = np.random.default_rng(0).integers(0, 256, (80, 120, 3), np.uint8)
-  src = ip.ArraySource([image] * 6, [0] * 6)
+  src = data.ArraySource([image] * 6, [0] * 6)
   cfg = _imagenet_config()
   kw = dict(
     global_batch_size=6, seed=11, process_index=0, process_count=1, source=src
@@ -494,7 +505,7 @@ def test_imagenet_train_crops_differ_by_position_not_by_call():
   images = [x.tobytes() for x in a['image']]
   assert len(set(images)) == 6, 'each position gets its own augmentation'
   cfg.image_dtype = 'float32'
-  out = ip.preprocess_train(cfg, image, np.random.default_rng(0))
+  out = preprocess.preprocess_train(cfg, image, np.random.default_rng(0))
   assert out.dtype == np.float32 and out.shape == (32, 32, 3)
   assert 0.0 <= out.min() and out.max() <= 1.0 and out.max() > 0.5
 
@@ -504,7 +515,9 @@ def test_random_resized_crop_box_statistics():
   h, w = 300, 400
   areas, aspects = [], []
   for _ in range(500):
-    left, top, right, bottom = ip._random_resized_crop_box(h, w, rng, 0.08)
+    left, top, right, bottom = preprocess._random_resized_crop_box(
+      h, w, rng, 0.08
+    )
     assert 0 <= left < right <= w and 0 <= top < bottom <= h
     bw, bh = right - left, bottom - top
     areas.append(bw * bh / (h * w))
@@ -519,9 +532,13 @@ def test_random_resized_crop_box_statistics():
 
 def test_random_resized_crop_falls_back_to_centre_crop():
   # A 10 x 1000 strip admits no crop of aspect <= 4/3 with area >= 8%.
-  box = ip._random_resized_crop_box(10, 1000, np.random.default_rng(0), 0.08)
+  box = preprocess._random_resized_crop_box(
+    10, 1000, np.random.default_rng(0), 0.08
+  )
   assert box == (493, 0, 506, 10)  # 13 x 10 (aspect 4/3), centred
-  box = ip._random_resized_crop_box(1000, 10, np.random.default_rng(0), 0.08)
+  box = preprocess._random_resized_crop_box(
+    1000, 10, np.random.default_rng(0), 0.08
+  )
   assert box == (0, 493, 10, 506)  # 10 x 13 (aspect 3/4), centred
 
 
@@ -529,7 +546,7 @@ def test_color_jitter_matches_float64_reference():
   rng = np.random.default_rng(3)
   image = rng.uniform(1, 254, (5, 7, 3)).astype(np.float32)
   strength = 0.4
-  out = ip._color_jitter(image, np.random.default_rng(9), strength)
+  out = preprocess._color_jitter(image, np.random.default_rng(9), strength)
   # Reference: same draws, float64, per-pixel loops.
   ref_rng = np.random.default_rng(9)
   ref = image.astype(np.float64)
@@ -553,7 +570,7 @@ def test_color_jitter_on_grey_image_is_only_brightness():
   # Contrast and saturation leave a uniform grey image unchanged.
   image = np.full((4, 4, 3), 100.0, np.float32)
   for seed in range(5):
-    out = ip._color_jitter(image, np.random.default_rng(seed), 0.4)
+    out = preprocess._color_jitter(image, np.random.default_rng(seed), 0.4)
     assert np.ptp(out) < 1e-3
     assert 60 - 1e-3 <= out[0, 0, 0] <= 140 + 1e-3
 
@@ -561,7 +578,7 @@ def test_color_jitter_on_grey_image_is_only_brightness():
 def test_pca_lighting_matches_float64_reference():
   image = np.random.default_rng(0).uniform(0, 255, (3, 3, 3))
   image = image.astype(np.float32)
-  out = ip._pca_lighting(image, np.random.default_rng(4), 0.1)
+  out = preprocess._pca_lighting(image, np.random.default_rng(4), 0.1)
   alpha = np.random.default_rng(4).normal(0.0, 0.1, size=3)
   eigval = [0.2175, 0.0188, 0.0045]
   eigvec = [  # rows R, G, B; columns are eigenvectors
@@ -600,8 +617,8 @@ def test_imagenet_eval_preprocessing_against_pil(
   width, height, resized, offset
 ):
   image = _gradient_image(width, height)
-  cfg = ip.default_data_config('imagenet2012')
-  out = ip.preprocess_eval(cfg, image)
+  cfg = data.default_data_config('imagenet2012')
+  out = preprocess.preprocess_eval(cfg, image)
   # Independent computation: PIL bicubic to shorter side 256, crop 224.
   big = Image.fromarray(image).resize(resized, Image.Resampling.BICUBIC)
   left, top = offset
@@ -610,7 +627,7 @@ def test_imagenet_eval_preprocessing_against_pil(
   np.testing.assert_array_equal(out, expected)
   cfg.image_dtype = 'float32'
   np.testing.assert_allclose(
-    ip.preprocess_eval(cfg, image), expected / 255.0, rtol=1e-6
+    preprocess.preprocess_eval(cfg, image), expected / 255.0, rtol=1e-6
   )
 
 
@@ -618,6 +635,6 @@ def test_imagenet_eval_scales_with_image_size():
   # image_size 112 -> shorter side round(112 * 256 / 224) = 128.
   image = _gradient_image(200, 100)
   cfg = _imagenet_config(image_size=112)
-  out = ip.preprocess_eval(cfg, image)
+  out = preprocess.preprocess_eval(cfg, image)
   big = Image.fromarray(image).resize((256, 128), Image.Resampling.BICUBIC)
   np.testing.assert_array_equal(out, np.asarray(big)[8:120, 72:184])

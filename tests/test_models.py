@@ -159,8 +159,8 @@ def _count(tree):
   ],
 )
 def test_parameter_counts_match_the_original(arch, depth, trainable, total):
-  # Trainable counts: the original's graph (SPEC.md and the headers of
-  # /work/shared/reference/*.txt); totals add the BN moving statistics.
+  # Trainable counts: the original's graph (docs/weights.md and the
+  # variable lists in tests/data); totals add the BN moving statistics.
   model = models.create_model(**convert.model_settings(arch, depth))
   shapes = jax.eval_shape(
     model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3))

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fdjax import layers
 from fdjax import models
 
 DIMS = ('NHWC', 'HWIO', 'NHWC')
@@ -72,7 +73,7 @@ def test_conv_as_matmul_matches_reference_and_lax(
   r = rng.standard_normal(out_shape, np.float32)
 
   def ours(x, kernel):
-    return models.conv_as_matmul(x, kernel, stride, groups)
+    return layers.conv_as_matmul(x, kernel, stride, groups)
 
   def lax_conv(x, kernel):
     return jax.lax.conv_general_dilated(
@@ -102,7 +103,7 @@ def test_conv_as_matmul_input_gradient_against_float64():
   kernel = rng.standard_normal((3, 3, 4, 5), np.float32)
   r = rng.standard_normal((1, 2, 3, 5), np.float32)
   grad = jax.jit(
-    jax.grad(lambda x: jnp.sum(models.conv_as_matmul(x, kernel, 2) * r))
+    jax.grad(lambda x: jnp.sum(layers.conv_as_matmul(x, kernel, 2) * r))
   )(x)
   # d/dx_p of sum(conv(x) * r) by float64 finite structure: conv is linear,
   # so it is conv(e_p) . r for each unit input e_p.
@@ -127,7 +128,7 @@ def test_matmul_conv_is_a_drop_in_for_nn_conv(k, stride, groups):
   )
   x = np.random.default_rng(0).standard_normal((2, 5, 6, 8), np.float32)
   ref = nn.Conv(**kwargs)
-  ours = models.MatmulConv(**kwargs)
+  ours = layers.MatmulConv(**kwargs)
   v_ref = ref.init(jax.random.key(1), x)
   v_ours = ours.init(jax.random.key(1), x)
   # Same parameter tree, shapes, dtype and initial values.
@@ -144,20 +145,20 @@ def test_matmul_conv_is_a_drop_in_for_nn_conv(k, stride, groups):
 def test_matmul_conv_rejects_what_it_does_not_implement():
   x = jnp.ones((1, 4, 4, 2))
   with pytest.raises(ValueError, match='SAME'):
-    models.MatmulConv(4, (3, 3), padding='VALID').init(jax.random.key(0), x)
+    layers.MatmulConv(4, (3, 3), padding='VALID').init(jax.random.key(0), x)
   with pytest.raises(ValueError, match='use_bias'):
-    models.MatmulConv(4, (3, 3), use_bias=True).init(jax.random.key(0), x)
+    layers.MatmulConv(4, (3, 3), use_bias=True).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match='feature_group_count'):
-    models.conv_as_matmul(x, jnp.ones((3, 3, 3, 4)))
+    layers.conv_as_matmul(x, jnp.ones((3, 3, 3, 4)))
 
 
 def test_resolve_conv_impl():
-  assert models.resolve_conv_impl('matmul') == 'matmul'
-  assert models.resolve_conv_impl('xla') == 'xla'
+  assert layers.resolve_conv_impl('matmul') == 'matmul'
+  assert layers.resolve_conv_impl('xla') == 'xla'
   expected = 'matmul' if jax.default_backend() == 'cpu' else 'xla'
-  assert models.resolve_conv_impl('auto') == expected
+  assert layers.resolve_conv_impl('auto') == expected
   with pytest.raises(ValueError, match='conv_impl'):
-    models.resolve_conv_impl('cudnn')
+    layers.resolve_conv_impl('cudnn')
 
 
 def test_resnet_same_parameters_and_results_with_either_impl():

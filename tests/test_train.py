@@ -1,5 +1,6 @@
 """Tests of the adversarial train step, the training loop and resuming."""
 
+import importlib.util
 import json
 import os
 import re
@@ -13,39 +14,43 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
+from fdjax import attacks
 from fdjax import checkpoints
 from fdjax import config_base
+from fdjax import data
 from fdjax import input_pipeline
+from fdjax import models
 from fdjax import parallel
 from fdjax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def default_small_config() -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location(
+    'default_config', os.path.join(ROOT, 'configs', 'default.py')
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config('small')
+
+
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
-  config = config_base.base_config()
-  config.model.depth = 0
+  """configs/default.py:small, smaller still, for in-process tests."""
+  config = default_small_config()
   config.model.stage_sizes = (1, 1)
   config.model.num_filters = 4
-  config.model.stem = 'cifar'
-  config.model.denoise_placement = 'stage'
-  config.data = input_pipeline.default_data_config('digits')
-  config.attack.num_steps = 2
   config.attack.epsilon = 0.1
   config.attack.step_size = 0.05
   config.attack.clean_start_prob = 0.0
-  config.train.global_batch_size = 16
   config.train.num_steps = 3
   config.train.base_lr = 0.4
   config.train.warmup_epochs = 0.0
-  config.train.lr_schedule = 'cosine'
   config.train.log_every_steps = 1
-  config.train.checkpoint_every_steps = 2
-  config.eval.global_batch_size = 16
   config.eval.num_examples = 16
-  config.eval.pgd_steps = (2,)
   for key, value in overrides.items():
     section, field = key.split('.')
     config[section][field] = value
@@ -56,13 +61,13 @@ def digits_source(n=64, seed=0):
   rng = np.random.default_rng(seed)
   images = rng.uniform(0, 1, (n, 8, 8, 3)).astype(np.float32)
   labels = rng.integers(0, 10, n).astype(np.int32)
-  return input_pipeline.ArraySource(images, labels)
+  return data.ArraySource(images, labels)
 
 
 def run_steps(config, mesh, backend, num_steps=2, source=None):
   """A few train steps on fixed batches; returns the final host state."""
-  info = input_pipeline.dataset_info(config.data)
-  model = train.create_model(config.model, info.num_classes)
+  info = data.dataset_info(config.data)
+  model = models.from_config(config.model, info.num_classes)
   lr_fn = train.create_learning_rate_fn(config.train, 4)
   tx = train.create_optimizer(config.train, lr_fn)
   state = train.create_train_state(
@@ -75,14 +80,16 @@ def run_steps(config, mesh, backend, num_steps=2, source=None):
     tx=tx,
     learning_rate_fn=lr_fn,
     num_classes=info.num_classes,
-    attack_config=config.attack,
-    train_config=config.train,
+    attack=attacks.from_config(config.attack, info.num_classes),
+    clean_start_prob=config.attack.clean_start_prob,
+    label_smoothing=config.train.label_smoothing,
+    weight_decay=config.train.weight_decay,
   )
   it = input_pipeline.create_train_iter(
     config.data,
     global_batch_size=config.train.global_batch_size,
     seed=0,
-    source=digits_source(),
+    source=source or digits_source(),
     process_index=0,
     process_count=1,
   )
@@ -148,13 +155,22 @@ def shard_map_run():
 
 def test_train_step_reports_metrics(shard_map_run):
   state, metrics = shard_map_run
+  config = _learning_config()
+  lr_fn = train.create_learning_rate_fn(config.train, 4)
   assert int(state.step) == 3
-  for m in metrics:
+  for step, m in enumerate(metrics):
     assert m['count'] == 16
-    assert 0 <= m['adv_accuracy'] <= 16
-    assert 0 <= m['attack_success'] <= 16
-    assert 0 <= m['clean_accuracy'] <= 16
+    # A targeted success predicts the target, never the label.
+    assert m['attack_success'] + m['adv_accuracy'] <= m['count']
+    # The loss adds weight decay to the cross-entropy.
+    assert m['loss'] > m['xent'] > 0
+    np.testing.assert_allclose(m['learning_rate'], lr_fn(step), rtol=1e-6)
     assert np.isfinite(m['loss']) and m['grad_norm'] > 0
+  # The same 16 examples every step: the loss falls.
+  assert metrics[-1]['xent'] < metrics[0]['xent']
+  np.testing.assert_allclose(
+    metrics[-1]['param_norm'], optax.global_norm(state.params), rtol=1e-5
+  )
 
 
 def real_digits(n):
@@ -162,7 +178,7 @@ def real_digits(n):
 
   digits = load_digits()
   images = np.repeat(digits.images[:n, :, :, None] / 16.0, 3, axis=-1)
-  return input_pipeline.ArraySource(
+  return data.ArraySource(
     images.astype(np.float32), digits.target[:n].astype(np.int32)
   )
 
@@ -220,29 +236,54 @@ def test_indivisible_batch_and_bad_config_fail_early(tmp_path):
       train_source=digits_source(),
     )
   with pytest.raises(ValueError, match='shard_map'):
-    train.validate_config(tiny_config(**{'train.parallel': 'vmap'}))
+    config_base.validate(tiny_config(**{'train.parallel': 'vmap'}))
   with pytest.raises(ValueError, match='median'):
-    train.validate_config(tiny_config(**{'model.denoise_op': 'gauss'}))
+    config_base.validate(tiny_config(**{'model.denoise_op': 'gauss'}))
   with pytest.raises(ValueError, match='linf'):
-    train.validate_config(tiny_config(**{'attack.norm': 'l1'}))
+    config_base.validate(tiny_config(**{'attack.norm': 'l1'}))
   with pytest.raises(ValueError, match='restarts'):
-    train.validate_config(tiny_config(**{'eval.restarts': 0}))
+    config_base.validate(tiny_config(**{'eval.restarts': 0}))
   assert not os.path.exists(tmp_path / 'checkpoints')
 
 
+class PoisonedSource(data.ArraySource):
+  """Digits whose images turn to NaN after `clean_reads` reads."""
+
+  def __init__(self, clean_reads, **kwargs):
+    super().__init__(**kwargs)
+    self.clean_reads, self.reads = clean_reads, 0
+
+  def __getitem__(self, index):
+    example = dict(super().__getitem__(index))
+    self.reads += 1
+    if self.reads > self.clean_reads:
+      example['image'] = np.full_like(example['image'], np.nan)
+    return example
+
+
 def test_nan_stops_with_the_last_good_checkpoint(tmp_path):
+  # Steps 0-2 see finite images, step 3 NaNs; a checkpoint is written after
+  # step 1 (done=2). The data are read in order (no worker threads).
   config = tiny_config(
-    **{'train.base_lr': 1e30, 'train.num_steps': 6, 'attack.num_steps': 0}
+    **{'train.num_steps': 6, 'attack.num_steps': 0, 'data.num_workers': 0}
   )
-  with pytest.raises(FloatingPointError, match='last good checkpoint') as e:
-    train.train(config, str(tmp_path), train_source=digits_source())
-  assert 'non-finite loss or gradient at step' in str(e.value)
-  # Whatever was saved before the failure is finite: no NaN checkpoint.
-  if (tmp_path / 'checkpoints').exists() and any(
-    p.name.isdigit() for p in (tmp_path / 'checkpoints').iterdir()
-  ):
-    variables, _, _ = checkpoints.load_variables(str(tmp_path))
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
+  config.data.prefetch = 0
+  clean = digits_source()
+  source = PoisonedSource(
+    3 * config.train.global_batch_size,
+    images=np.stack([clean[i]['image'] for i in range(len(clean))]),
+    labels=[clean[i]['label'] for i in range(len(clean))],
+  )
+  with pytest.raises(FloatingPointError) as e:
+    train.train(config, str(tmp_path), train_source=source)
+  message = str(e.value)
+  assert 'non-finite loss or gradient at step 3' in message
+  ckpt_dir = checkpoints.checkpoint_dir(str(tmp_path))
+  assert f'The last good checkpoint is step 2 in {ckpt_dir}' in message
+  # That checkpoint is finite and restores.
+  variables, _, step = checkpoints.load_variables(str(tmp_path))
+  assert step == 2
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
 
 
 def _main_command(workdir, *extra):
