@@ -17,7 +17,9 @@ of tests/digits_mlp.py, ported to torch with the same weights, and saves:
 * per-example results of FAB-T as AutoAttack's standard version runs it
   (9 target classes, 100 iterations, 1 restart) on all 297 test digits at
   L-inf eps 0.1 and L2 eps 0.5: robust or not, the norm of the returned
-  perturbation, the robust accuracy and the wall time.
+  perturbation, the robust accuracy and the wall time;
+* the same for untargeted FAB with one restart (deterministic too), and
+  its first iterates on 8 test digits.
 """
 
 import os
@@ -26,10 +28,10 @@ import time
 import types
 
 import numpy as np
-import torch
 from pyautoattack.fab_projections import projection_l2
 from pyautoattack.fab_projections import projection_linf
 from pyautoattack.fab_pt import FABAttack_PT
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -46,6 +48,8 @@ EPS = {'linf': 0.1, 'l2': 0.5}
 TORCH_NORM = {'linf': 'Linf', 'l2': 'L2'}
 NUM_ITERATES = 8
 NUM_ITERATE_EXAMPLES = 16
+NUM_UNTARGETED_ITERATES = 6
+NUM_UNTARGETED_EXAMPLES = 8
 
 
 def torch_model(w):
@@ -96,29 +100,34 @@ class RecordingFAB(FABAttack_PT):
     self.iterates.append(imgs.detach().clone())
     return super().get_diff_logits_grads_batch_targeted(imgs, la, la_target)
 
+  def get_diff_logits_grads_batch(self, imgs, la):
+    self.iterates.append(imgs.detach().clone())
+    return super().get_diff_logits_grads_batch(imgs, la)
 
-def iterates(model, x, y, norm):
+
+def iterates(model, x, y, norm, targeted=True):
   with torch.no_grad():
     correct = model(x).argmax(1) == y
-  idx = np.flatnonzero(correct.numpy())[:NUM_ITERATE_EXAMPLES]
+  num = NUM_ITERATE_EXAMPLES if targeted else NUM_UNTARGETED_EXAMPLES
+  idx = np.flatnonzero(correct.numpy())[:num]
   fab = RecordingFAB(
     model,
     norm=TORCH_NORM[norm],
     n_restarts=1,
-    n_iter=NUM_ITERATES,
+    n_iter=NUM_ITERATES if targeted else NUM_UNTARGETED_ITERATES,
     eps=EPS[norm],
-    targeted=True,
+    targeted=targeted,
     n_target_classes=1,
     device='cpu',
   )
   fab.target_class = 2
-  best = fab.attack_single_run(x[idx], y[idx], is_targeted=True)
+  best = fab.attack_single_run(x[idx], y[idx], is_targeted=targeted)
   # iterates[0] is the clean image; iterates[k] the point of iteration k.
   its = torch.stack(fab.iterates[1:] + [best], 0)
   return idx, np.stack([nhwc(i) for i in its], 0)
 
 
-def robust(model, x, y, norm):
+def robust(model, x, y, norm, targeted=True):
   fab = FABAttack_PT(
     model,
     norm=TORCH_NORM[norm],
@@ -126,7 +135,7 @@ def robust(model, x, y, norm):
     n_iter=100,
     eps=EPS[norm],
     seed=0,
-    targeted=True,
+    targeted=targeted,
     n_target_classes=9,
     device='cpu',
   )
@@ -165,6 +174,16 @@ def main():
     print(
       f'{norm}: eps {EPS[norm]} clean {out["clean_correct"].mean():.4f} '
       f'robust {ok.mean():.4f} ({ok.sum()}/{len(ok)}) in {seconds:.1f} s'
+    )
+    idx, its = iterates(model, x, y, norm, targeted=False)
+    out[f'untargeted_iterates_idx_{norm}'] = idx
+    out[f'untargeted_iterates_{norm}'] = its
+    ok, res, seconds = robust(model, x, y, norm, targeted=False)
+    out[f'untargeted_robust_{norm}'] = ok
+    out[f'untargeted_seconds_{norm}'] = np.float64(seconds)
+    print(
+      f'{norm} untargeted: robust {ok.mean():.4f} ({ok.sum()}/{len(ok)}) '
+      f'in {seconds:.1f} s'
     )
   np.savez_compressed(OUT, **out)
   print(f'wrote {OUT} ({os.path.getsize(OUT)} bytes)')
