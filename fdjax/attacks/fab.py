@@ -17,12 +17,14 @@ smallest adversarial point found lies within ``epsilon``, as AutoAttack
 checks it.
 
 :func:`fab_targeted` is FAB-T as AutoAttack's standard version runs it: one
-run per target class, the classes of the 2nd to (n+1)-th largest clean
-logits, each run only on the examples that are still robust, the first
-restart from the clean image and any further one from a random point at
-half epsilon. :func:`fab` is the untargeted form. The hyperplane-box
-projections, :func:`projection_linf` and :func:`projection_l2`, are public
-pure functions.
+run per target class (times the restarts), the classes of the 2nd to
+(n+1)-th largest clean logits; a run changes only the examples that are
+still robust (the reference runs it on those alone; here every example is
+computed and the others are left as they are, which gives the same
+results). The first restart starts from the clean image, any further one
+from a random point at distance epsilon / 2. :func:`fab` is the untargeted
+form. The hyperplane-box projections, :func:`projection_linf` and
+:func:`projection_l2`, are public pure functions.
 
 All loops are ``jax.lax`` loops; every example is attacked independently of
 the others (no cross-example coupling), and the randomness of example i is
@@ -174,8 +176,9 @@ def projection_linf(
     ValueError: for inconsistent shapes or bounds without lo < hi.
 
   Examples:
-    >>> d = projection_linf(jnp.array([[0.5, 0.5]]), jnp.array([[1.0, 1.0]]),
-    ...                     jnp.array([0.8]))
+    >>> project = jax.jit(projection_linf)
+    >>> d = project(jnp.array([[0.5, 0.5]]), jnp.array([[1.0, 1.0]]),
+    ...             jnp.array([0.8]))
     >>> d.round(6).tolist()
     [[-0.1, -0.1]]
   """
@@ -253,10 +256,11 @@ def projection_l2(
     ValueError: for inconsistent shapes or bounds without lo < hi.
 
   Examples:
-    >>> d = projection_l2(jnp.array([[0.5, 0.5]]), jnp.array([[1.0, 1.0]]),
-    ...                   jnp.array([0.8]))
+    >>> project = jax.jit(projection_l2)
+    >>> d = project(jnp.array([[0.5, 0.2]]), jnp.array([[1.0, 2.0]]),
+    ...             jnp.array([0.4]))
     >>> d.round(6).tolist()
-    [[-0.1, -0.1]]
+    [[-0.1, -0.2]]
   """
   t, w, b = _check_rows(points, w, b)
   rows, dim = t.shape
