@@ -40,6 +40,7 @@ import math
 from typing import Any
 
 import jax
+from jax.extend.random import threefry2x32_p
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -93,8 +94,9 @@ def p_selection(
     float32 ``p`` with the shape of ``iteration``.
 
   Examples:
-    >>> p_selection(0.8, jnp.array([0, 5, 6, 4999]), 5000).tolist()
-    [0.800000011920929, 0.800000011920929, 0.4000000059604645, 0.0015625000232830644]
+    >>> p = p_selection(0.8, jnp.array([0, 5, 6, 26, 4999]), 5000)
+    >>> (p / 0.8).tolist()
+    [1.0, 1.0, 0.5, 0.25, 0.001953125]
   """
   level = _level(iteration, num_queries)
   return jnp.ldexp(jnp.asarray(p_init, jnp.float32), -level)
@@ -339,40 +341,90 @@ def _accept(state, x_new, margin, loss, todo):
   return x_best, margin_min, loss_min, queries + todo.astype(queries.dtype)
 
 
-def _randint(k, high):
-  """The reference's int(U * high): uniform in {0, ..., max(high, 1) - 1}."""
-  return jax.random.randint(k, (), 0, jnp.maximum(high, 1))
+def _keypairs(keys: jax.Array) -> jax.Array:
+  """[batch, 2] uint32 Threefry keys from per-example PRNG keys.
+
+  The data of a (default) Threefry key is such a pair already, as for a
+  raw uint32[2] key; other implementations draw one.
+  """
+  if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+    data = jax.random.key_data(keys)
+  else:
+    data = keys
+  if data.shape[1:] == (2,) and data.dtype == jnp.uint32:
+    return data
+  return jax.vmap(lambda k: jax.random.bits(k, (2,), jnp.uint32))(keys)
 
 
-def _draw_init(k, norm, shape):
+def _words(keypairs: jax.Array, counter: jax.Array, n: int) -> jax.Array:
+  """[batch, n] random uint32: Threefry-2x32 of (counter, 0 .. n/2 - 1).
+
+  One hash for all the words an iteration needs, per example: much cheaper
+  than ``fold_in`` plus several ``jax.random`` calls in a loop body.
+  """
+  batch = keypairs.shape[0]
+  half = (n + 1) // 2
+  shape = (batch, half)
+  k1 = jnp.broadcast_to(keypairs[:, :1], shape)
+  k2 = jnp.broadcast_to(keypairs[:, 1:], shape)
+  x0 = jnp.broadcast_to(jnp.asarray(counter, jnp.uint32), shape)
+  x1 = jnp.broadcast_to(jnp.arange(half, dtype=jnp.uint32), shape)
+  y0, y1 = threefry2x32_p.bind(k1, k2, x0, x1)
+  return jnp.concatenate([y0, y1], axis=1)[:, :n]
+
+
+def _sign(words: jax.Array) -> jax.Array:
+  """+-1 float32 from the top bit."""
+  return jnp.where(words >> 31 == 1, 1.0, -1.0).astype(jnp.float32)
+
+
+def _coin(words: jax.Array) -> jax.Array:
+  return words >> 31 == 1
+
+
+def _index(words: jax.Array, high: jax.Array) -> jax.Array:
+  """The reference's int(U * high), U uniform in [0, 1): in [0, high - 1].
+
+  ``high`` <= 0 gives 0, like the reference's draw for a window that fills
+  the image.
+  """
+  u = (words >> 8).astype(jnp.float32) * 2.0**-24
+  high = jnp.maximum(high, 1)
+  return jnp.minimum(jnp.floor(u * high).astype(jnp.int32), high - 1)
+
+
+def _draw_init(keypairs, norm, shape):
   h, w, c = shape
+  batch = keypairs.shape[0]
   if norm == 'linf':
-    return (jax.random.rademacher(k, (w, c), jnp.float32),)
+    words = _words(keypairs, 0, w * c)
+    return (_sign(words).reshape(batch, w, c),)
   _, grid, *_ = _l2_init_layout(h, w)
-  k1, k2 = jax.random.split(k)
+  n = grid[0] * grid[1]
+  words = _words(keypairs, 0, n * (1 + c))
   return (
-    jax.random.bernoulli(k1, 0.5, grid),
-    jax.random.rademacher(k2, (*grid, c), jnp.float32),
+    _coin(words[:, :n]).reshape(batch, *grid),
+    _sign(words[:, n:]).reshape(batch, *grid, c),
   )
 
 
-def _draw_step(k, norm, shape, s):
+def _draw_step(keypairs, i, norm, shape, s):
   h, w, c = shape
   if norm == 'linf':
-    k1, k2, k3 = jax.random.split(k, 3)
+    words = _words(keypairs, i, 2 + c)
     return (
-      _randint(k1, h - s),
-      _randint(k2, w - s),
-      jax.random.rademacher(k3, (c,), jnp.float32),
+      _index(words[:, 0], h - s),
+      _index(words[:, 1], w - s),
+      _sign(words[:, 2:]),
     )
-  k1, k2, k3, k4, k5, k6 = jax.random.split(k, 6)
+  words = _words(keypairs, i, 5 + c)
   return (
-    _randint(k1, h - s),
-    _randint(k2, w - s),
-    _randint(k3, h - s),
-    _randint(k4, w - s),
-    jax.random.bernoulli(k5, 0.5),
-    jax.random.rademacher(k6, (c,), jnp.float32),
+    _index(words[:, 0], h - s),
+    _index(words[:, 1], w - s),
+    _index(words[:, 2], h - s),
+    _index(words[:, 3], w - s),
+    _coin(words[:, 4]),
+    _sign(words[:, 5:]),
   )
 
 
@@ -490,11 +542,11 @@ def square(
     pred = jnp.argmax(logits, axis=-1)
     return pred == targets if targets is not None else pred != labels
 
-  keys = jax.vmap(jax.random.split)(ball.example_keys(key, example_ids))
-  init_keys, step_keys = keys[:, 0], keys[:, 1]
+  # The start uses counter 0, iteration i counter i + 1.
+  keypairs = _keypairs(ball.example_keys(key, example_ids))
 
   active = ~succeeded(forward(x0))
-  draws = jax.vmap(lambda k: _draw_init(k, norm, shape))(init_keys)
+  draws = _draw_init(keypairs, norm, shape)
   if norm == 'linf':
     x_best = _linf_init(x0, epsilon, *draws, lo, hi)
   else:
@@ -511,8 +563,7 @@ def square(
     x_best, margin_min, _, _ = state
     todo = active & (margin_min > 0.0)
     s = square_side(p_init, i, num_queries, h, w, c, norm)
-    iter_keys = jax.vmap(jax.random.fold_in, (0, None))(step_keys, i)
-    draws = jax.vmap(lambda k: _draw_step(k, norm, shape, s))(iter_keys)
+    draws = _draw_step(keypairs, i + 1, norm, shape, s)
     if norm == 'linf':
       x_new = _linf_candidate(x0, x_best, epsilon, s, *draws, lo, hi)
     else:

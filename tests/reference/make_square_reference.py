@@ -162,7 +162,9 @@ def replay(out):
   out['replay_y'] = y.numpy().astype(np.int32)
   for norm in ('linf', 'l2'):
     a = SquareAttack(
-      predict, norm=TORCH_NORM[norm], n_queries=REPLAY_ITERS,
+      predict,
+      norm=TORCH_NORM[norm],
+      n_queries=REPLAY_ITERS,
       eps=REPLAY_EPS[norm],
     )
     a.init_hyperparam(torch.from_numpy(x))
@@ -179,18 +181,15 @@ def replay(out):
     else:
       grid = (h // (h // 5), w // (h // 5))
       n_init = grid[0] * grid[1]
-      out['replay_l2_init_signs'] = (
-        np.stack([v[:, :, 0, 0] for v in rec.choices[:n_init]], 1)
-        .reshape(REPLAY_BATCH, *grid, c)
-      )
+      out['replay_l2_init_signs'] = np.stack(
+        [v[:, :, 0, 0] for v in rec.choices[:n_init]], 1
+      ).reshape(REPLAY_BATCH, *grid, c)
       out['replay_l2_init_transposes'] = np.asarray(
         rec.transposes[:n_init]
       ).reshape(grid)
       step = rec.choices[n_init:]
       out['replay_l2_counts'] = np.asarray([len(v) for v in step], np.int16)
-      out['replay_l2_signs'] = np.concatenate(
-        [v[:, :, 0, 0] for v in step]
-      )
+      out['replay_l2_signs'] = np.concatenate([v[:, :, 0, 0] for v in step])
       out['replay_l2_transposes'] = np.asarray(rec.transposes[n_init:])
     logits = predict(x_best)
     margin = logits[torch.arange(REPLAY_BATCH), y].clone()
@@ -212,8 +211,14 @@ def digits(out):
     for nq, seeds in ((5000, (0,)), (1000, (0, 1, 2))):
       for seed in seeds:
         a = SquareAttack(
-          predict, norm=TORCH_NORM[norm], n_queries=nq, eps=EPS[norm],
-          p_init=0.8, n_restarts=1, seed=seed, loss='margin',
+          predict,
+          norm=TORCH_NORM[norm],
+          n_queries=nq,
+          eps=EPS[norm],
+          p_init=0.8,
+          n_restarts=1,
+          seed=seed,
+          loss='margin',
         )
         queries = {}
         single_run = a.attack_single_run
