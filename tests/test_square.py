@@ -84,14 +84,12 @@ def test_replay_matches_reference(ref, norm):
   ints = ref[f'replay_{norm}_ints']
   iters = len(ints)
   if norm == 'linf':
-    start = sq._linf_init(
-      x0, eps, jnp.asarray(ref['replay_linf_init'].transpose(0, 2, 1)), 0, 1
-    )
+    signs = ref['replay_linf_init'].transpose(0, 2, 1)  # [B, w, c]
+    start = jax.jit(sq._linf_init)(x0, eps, signs, 0.0, 1.0)
   else:
     t = np.broadcast_to(ref['replay_l2_init_transposes'], (batch, 8, 6))
-    start = sq._l2_init(
-      x0, eps, jnp.asarray(t), jnp.asarray(ref['replay_l2_init_signs']), 0, 1
-    )
+    signs = ref['replay_l2_init_signs']
+    start = jax.jit(sq._l2_init)(x0, eps, t, signs, 0.0, 1.0)
   margin, loss = sq._scores(f(start), y, None, 'margin')
   state = (start, margin, loss, jnp.ones(batch, jnp.int32))
 
@@ -246,6 +244,18 @@ def test_invariants_tiny(norm):
   np.testing.assert_array_equal(is_adv, pred != y)
   # A second call with another epsilon does not retrace.
   attack(key, x, y, eps * 0.9, ids)
+  # No coupling between examples: a permuted batch (ids permuted with it)
+  # gives the permuted results.
+  perm = np.array([5, 0, 4, 1, 3, 2])
+  permuted = attack(key, x[perm], y[perm], eps, ids[perm])
+  for whole, part in zip((adv, is_adv, q), permuted):
+    np.testing.assert_array_equal(np.asarray(whole)[perm], part)
+  if norm == 'linf':  # The rest compiles more: once is enough.
+    _check_split(run, key, x, y, eps, ids, (adv, is_adv, q))
+
+
+def _check_split(run, key, x, y, eps, ids, result):
+  adv, is_adv, q = result
   # Batch-split independence: [a, b] == a and b with the same ids.
   half = jax.jit(run)
   a = half(key, x[:3], y[:3], eps, ids[:3])
