@@ -1,0 +1,761 @@
+"""Auto-PGD (Croce & Hein, ICML 2020): APGD-CE, APGD-DLR and APGD-T.
+
+APGD is PGD with momentum and a step size that adapts itself, with no
+hyperparameter to tune besides the budget of iterations. These are the
+attacks of AutoAttack, reproduced step by step from the authors' reference
+code (``APGDAttack`` and ``APGDAttack_targeted``):
+
+* Start: a point of the ball's surface (L-inf: uniform noise in [-1, 1]
+  rescaled to max-norm ``epsilon``; L2: Gaussian noise rescaled to L2 norm
+  ``epsilon``), clipped to ``bounds``; or a given ``x_init``.
+* Step: ``z = P(x_k + eta_k * s(grad))`` with ``s`` the sign (L-inf) or the
+  L2-normalised gradient, then ``x_{k+1} = P(x_k + a (z - x_k) + (1 - a)
+  (x_k - x_{k-1}))`` with momentum ``a = 0.75`` (``a = 1`` at the first
+  step, so ``x_1 = z``). The initial step is ``eta_0 = 2 epsilon``, one per
+  example.
+* Checkpoints (:func:`checkpoints`): windows of 22%, 19%, 16%, ... of the
+  iterations (never shorter than 6%). At each, an example halves its step
+  if the loss increased in at most ``rho`` of the window's steps, or if its
+  step was not halved at the previous checkpoint and its best loss did not
+  improve since then; it then restarts from its best-loss point (with the
+  gradient there).
+* Success: an example is adversarial as soon as ANY point the attack
+  evaluates is misclassified; the point returned is the last misclassified
+  point evaluated, as in the reference. Restarts (and, for APGD-T, target
+  classes) attack again only the examples not broken yet.
+
+The losses are the cross-entropy, the difference of logits ratio (DLR,
+:func:`dlr_loss`) and its targeted version (:func:`targeted_dlr_loss`),
+with the reference's epsilons in the denominators. The gradient is that of
+the SUM of per-example losses, so examples never interact: an attack's
+result does not depend on the batch or its split over devices, provided the
+caller passes GLOBAL ``example_ids`` (the random start of example i, restart
+r, is drawn from ``fold_in(fold_in(key, r), example_ids[i])``).
+
+Under ``jax.jit`` ``epsilon`` (and ``rho``) may be traced; ``num_steps``,
+``num_restarts``, ``num_target_classes``, ``norm`` and ``loss`` are static.
+The iterations run in a ``jax.lax.fori_loop``, the restarts and target
+classes in a ``jax.lax.while_loop`` that stops once every example is
+broken. See :mod:`fdjax.attacks.gradient` for how to pass a Flax model as
+``logits_fn`` and for data-parallel use.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fdjax.attacks import ball
+from fdjax.attacks.ball import LogitsFn
+
+LOSSES = ('ce', 'dlr')
+TARGETED_LOSSES = ('dlr-targeted', 'ce-targeted')
+
+# The reference's constants: the epsilon of its denominators (DLR losses,
+# normalisations) and the fractions of iterations that set the checkpoint
+# windows (first window, shortest window, decrease per checkpoint).
+_TINY = 1e-12
+_FIRST_WINDOW = 0.22
+_MIN_WINDOW = 0.06
+_WINDOW_DECREASE = 0.03
+_MOMENTUM = 0.75
+
+# loss_fn(logits, labels, targets) -> [batch] float32 losses to ascend.
+_LossFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def dlr_loss(
+  logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike
+) -> jax.Array:
+  """Per-example difference of logits ratio (DLR) loss, in float32.
+
+  ``-(z_y - max_{i != y} z_i) / (z_(1) - z_(3) + 1e-12)`` with ``z_(k)`` the
+  k-th largest logit. It is invariant to shifts and positive rescalings of
+  the logits and positive once the example is misclassified.
+
+  Its gradient is computed in the order of the reference's automatic
+  differentiation, so that it vanishes exactly where the loss is locally
+  constant (the label's logit the 3rd largest: the loss is 1), as the
+  reference's does; there the attack does not move.
+
+  Args:
+    logits: [batch, num_classes] logits, num_classes >= 3.
+    labels: [batch] integer true labels.
+
+  Returns:
+    [batch] float32 losses.
+
+  Raises:
+    ValueError: logits not [batch, num_classes] with at least 3 classes.
+
+  Examples:
+    >>> z = jnp.array([[4.0, 3.0, 0.0], [1.0, 3.0, 2.0]])
+    >>> dlr_loss(z, jnp.array([0, 0])).tolist()
+    [-0.25, 1.0]
+  """
+  logits = _check_logits(logits, 3)
+  return _dlr_loss(logits, jnp.asarray(labels))
+
+
+def _dlr_parts(logits, labels):
+  top, idx = jax.lax.top_k(logits, 3)
+  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+  # The best other logit: the 2nd largest if the label is the largest.
+  is_top = idx[:, 0] == labels
+  num = label_logit - jnp.where(is_top, top[:, 1], top[:, 0])
+  den = top[:, 0] - top[:, 2] + _TINY
+  return num, den, idx, is_top
+
+
+@jax.custom_vjp
+def _dlr_loss(logits, labels):
+  num, den, _, _ = _dlr_parts(logits, labels)
+  return -(num / den)
+
+
+def _dlr_loss_fwd(logits, labels):
+  num, den, idx, is_top = _dlr_parts(logits, labels)
+  return -(num / den), (num, den, idx, is_top, labels, logits.shape[-1])
+
+
+def _dlr_loss_bwd(res, g):
+  num, den, idx, is_top, labels, num_classes = res
+  g_num, g_den = _ratio_cotangents(num, den, g)
+  is_top = is_top.astype(g.dtype)
+  grad = (
+    _scatter(labels, g_num, num_classes)
+    + _scatter(idx[:, 0], g_den + (-g_num) * (1.0 - is_top), num_classes)
+    + _scatter(idx[:, 1], (-g_num) * is_top, num_classes)
+    + _scatter(idx[:, 2], -g_den, num_classes)
+  )
+  return grad, None
+
+
+_dlr_loss.defvjp(_dlr_loss_fwd, _dlr_loss_bwd)
+
+
+def _ratio_cotangents(num, den, g):
+  """Cotangents of num and den for the loss -(num / den), in torch's order."""
+  g_ratio = -g
+  # The barrier keeps XLA from rewriting (num / den) / den as
+  # num / (den * den), which breaks the exact cancellations.
+  ratio = jax.lax.optimization_barrier(num / den)
+  return g_ratio / den, -g_ratio * (ratio / den)
+
+
+def _scatter(index, values, num_classes):
+  """[batch, num_classes]: values at index, zeros elsewhere."""
+  hot = jax.nn.one_hot(index, num_classes, dtype=bool)
+  return jnp.where(hot, values[:, None], 0.0)
+
+
+def targeted_dlr_loss(
+  logits: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  targets: jax.typing.ArrayLike,
+) -> jax.Array:
+  """Per-example targeted DLR loss, in float32 (to be maximised).
+
+  ``-(z_y - z_t) / (z_(1) - (z_(3) + z_(4)) / 2 + 1e-12)`` with ``z_(k)`` the
+  k-th largest logit, ``y`` the true label and ``t`` the target. Its
+  gradient follows the reference's order of operations, as
+  :func:`dlr_loss`'s.
+
+  Args:
+    logits: [batch, num_classes] logits, num_classes >= 4.
+    labels: [batch] integer true labels.
+    targets: [batch] integer target classes.
+
+  Returns:
+    [batch] float32 losses.
+
+  Raises:
+    ValueError: logits not [batch, num_classes] with at least 4 classes.
+
+  Examples:
+    >>> z = jnp.array([[4.0, 3.0, 1.0, 0.0]])
+    >>> targeted_dlr_loss(z, jnp.array([0]), jnp.array([1])).tolist()
+    [-0.28571...]
+  """
+  logits = _check_logits(logits, 4)
+  return _targeted_dlr_loss(logits, jnp.asarray(labels), jnp.asarray(targets))
+
+
+def _targeted_dlr_parts(logits, labels, targets):
+  top, idx = jax.lax.top_k(logits, 4)
+  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+  target_logit = jnp.take_along_axis(logits, targets[:, None], axis=1)[:, 0]
+  num = label_logit - target_logit
+  den = top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + _TINY
+  return num, den, idx
+
+
+@jax.custom_vjp
+def _targeted_dlr_loss(logits, labels, targets):
+  num, den, _ = _targeted_dlr_parts(logits, labels, targets)
+  return -(num / den)
+
+
+def _targeted_dlr_loss_fwd(logits, labels, targets):
+  num, den, idx = _targeted_dlr_parts(logits, labels, targets)
+  res = (num, den, idx, labels, targets, logits.shape[-1])
+  return -(num / den), res
+
+
+def _targeted_dlr_loss_bwd(res, g):
+  num, den, idx, labels, targets, num_classes = res
+  g_num, g_den = _ratio_cotangents(num, den, g)
+  g_half = (-g_den) * 0.5
+  grad = (
+    _scatter(labels, g_num, num_classes)
+    + _scatter(targets, -g_num, num_classes)
+    + _scatter(idx[:, 0], g_den, num_classes)
+    + _scatter(idx[:, 2], g_half, num_classes)
+    + _scatter(idx[:, 3], g_half, num_classes)
+  )
+  return grad, None, None
+
+
+_targeted_dlr_loss.defvjp(_targeted_dlr_loss_fwd, _targeted_dlr_loss_bwd)
+
+
+def _check_logits(logits: jax.typing.ArrayLike, min_classes: int) -> jax.Array:
+  logits = jnp.asarray(logits).astype(jnp.float32)
+  if logits.ndim != 2 or logits.shape[-1] < min_classes:
+    raise ValueError(
+      f'logits must be [batch, num_classes] with num_classes >= '
+      f'{min_classes}, got shape {logits.shape}.'
+    )
+  return logits
+
+
+def _windows(num_steps: int) -> np.ndarray:
+  """[num_steps] int32: the window length at each checkpoint, else 0."""
+  if num_steps < 1:
+    raise ValueError(f'num_steps must be >= 1, got {num_steps}.')
+  window = max(int(_FIRST_WINDOW * num_steps), 1)
+  min_window = max(int(_MIN_WINDOW * num_steps), 1)
+  decrease = max(int(_WINDOW_DECREASE * num_steps), 1)
+  out = np.zeros(num_steps, np.int32)
+  i = window - 1
+  while i < num_steps:
+    out[i] = window
+    window = max(window - decrease, min_window)
+    i += window
+  return out
+
+
+def checkpoints(num_steps: int) -> np.ndarray:
+  """The iterations (0-based) after which APGD checks its step size.
+
+  The first window is ``max(int(0.22 n), 1)`` iterations long; each next
+  one is ``max(int(0.03 n), 1)`` shorter, but never shorter than
+  ``max(int(0.06 n), 1)``: the reference's integer version of the paper's
+  ``p_j = p_{j-1} + max(p_{j-1} - p_{j-2} - 0.03, 0.06)``.
+
+  Args:
+    num_steps: the number of iterations n >= 1, a Python int.
+
+  Returns:
+    Sorted int32 numpy array of iteration indices in [0, num_steps).
+
+  Raises:
+    ValueError: if num_steps < 1.
+
+  Examples:
+    >>> checkpoints(100).tolist()
+    [21, 40, 56, 69, 79, 86, 92, 98]
+  """
+  return np.flatnonzero(_windows(int(num_steps))).astype(np.int32)
+
+
+def _normalize(x: jax.Array, norm: str) -> jax.Array:
+  """x / (||x|| + 1e-12) per example, as the reference normalises."""
+  axes = ball.reduce_axes(x)
+  if norm == 'linf':
+    n = jnp.max(jnp.abs(x), axis=axes)
+  else:
+    n = jnp.sqrt(jnp.sum(jnp.square(x), axis=axes))
+  return x / ball.per_example(n + _TINY, x)
+
+
+def _project(x, x0, epsilon, norm, lo, hi):
+  """The reference's projection onto the ball, then clipping to bounds."""
+  if norm == 'linf':
+    x = jnp.clip(x, x0 - epsilon, x0 + epsilon)
+  else:
+    d = x - x0
+    n = ball.per_example(ball.l2_norm(d), d)
+    x = x0 + _normalize(d, norm) * jnp.minimum(epsilon, n)
+  return jnp.clip(x, lo, hi)
+
+
+def _random_start(key, x0, epsilon, norm, example_ids, lo, hi):
+  """A point of the ball's surface (the reference's start), clipped."""
+  keys = ball.example_keys(key, example_ids)
+  shape = x0.shape[1:]
+  if norm == 'linf':
+    draw = lambda k: jax.random.uniform(k, shape, x0.dtype, -1.0, 1.0)
+  else:
+    draw = lambda k: jax.random.normal(k, shape, x0.dtype)
+  t = jax.vmap(draw)(keys)
+  return jnp.clip(x0 + epsilon * _normalize(t, norm), lo, hi)
+
+
+def _run(
+  logits_fn: LogitsFn,
+  loss_fn: _LossFn,
+  x0: jax.Array,
+  labels: jax.Array,
+  targets: jax.Array,
+  x_start: jax.Array,
+  epsilon: jax.Array,
+  norm: str,
+  lo: jax.Array,
+  hi: jax.Array,
+  num_steps: int,
+  rho: Any,
+  trace: bool = False,
+) -> dict[str, jax.Array]:
+  """One APGD run from x_start (the reference's attack_single_run).
+
+  Returns a dict: 'x_best' (the best-loss point), 'loss_best', 'x_adv' (the
+  last misclassified point evaluated, else x_start), 'is_adv' [batch] bool,
+  'step' (the final step sizes) and, with trace, 'losses' [num_steps + 1,
+  batch] (the loss at x_start and at every iterate) and 'iterates' (those
+  points).
+  """
+  batch = x0.shape[0]
+  dtype = x0.dtype
+  windows = jnp.asarray(_windows(num_steps))
+  epsilon = jnp.asarray(epsilon, dtype)
+  rho = jnp.asarray(rho, jnp.float32)
+
+  def objective(x):
+    logits = ball.check_logits(logits_fn(x), batch).astype(jnp.float32)
+    losses = loss_fn(logits, labels, targets)
+    return jnp.sum(losses), (losses, logits)
+
+  value_and_grad = jax.value_and_grad(objective, has_aux=True)
+
+  def evaluate(x):
+    (_, (losses, logits)), grad = value_and_grad(x)
+    correct = jnp.argmax(logits, axis=-1) == labels
+    return losses, grad.astype(dtype), correct
+
+  loss, grad, correct = evaluate(x_start)
+  state = dict(
+    x=x_start,
+    x_prev=x_start,
+    grad=grad,
+    x_best=x_start,
+    grad_best=grad,
+    loss_best=loss,
+    x_adv=x_start,
+    robust=correct,
+    step=jnp.full((batch,), 2.0, dtype) * epsilon,
+    # The reference compares the first loss of the first window with an
+    # unwritten (zero) entry of its loss history.
+    loss_prev=jnp.zeros_like(loss),
+    num_increases=jnp.zeros((batch,), jnp.int32),
+    loss_best_checked=loss,
+    reduced_checked=jnp.ones((batch,), bool),
+  )
+  if trace:
+    state['losses'] = jnp.zeros((num_steps + 1, batch), loss.dtype)
+    state['losses'] = state['losses'].at[0].set(loss)
+    state['iterates'] = jnp.zeros((num_steps + 1,) + x0.shape, dtype)
+    state['iterates'] = state['iterates'].at[0].set(x_start)
+
+  def body(i, s):
+    x, momentum = s['x'], jnp.where(i > 0, _MOMENTUM, 1.0).astype(dtype)
+    step = ball.per_example(s['step'], x)
+    if norm == 'linf':
+      z = _project(x + step * jnp.sign(s['grad']), x0, epsilon, norm, lo, hi)
+    else:
+      z = _project(
+        x + step * _normalize(s['grad'], norm), x0, epsilon, norm, lo, hi
+      )
+    x_new = x + (z - x) * momentum + (x - s['x_prev']) * (1.0 - momentum)
+    x_new = _project(x_new, x0, epsilon, norm, lo, hi)
+
+    loss, grad, correct = evaluate(x_new)
+    wrong = ball.per_example(~correct, x)
+    s = dict(s)
+    s['robust'] = s['robust'] & correct
+    s['x_adv'] = jnp.where(wrong, x_new, s['x_adv'])
+    improved = loss > s['loss_best']
+    better = ball.per_example(improved, x)
+    s['x_best'] = jnp.where(better, x_new, s['x_best'])
+    s['grad_best'] = jnp.where(better, grad, s['grad_best'])
+    s['loss_best'] = jnp.where(improved, loss, s['loss_best'])
+    num_increases = s['num_increases'] + (loss > s['loss_prev'])
+    s['loss_prev'] = loss
+    if trace:
+      s['losses'] = s['losses'].at[i + 1].set(loss)
+      s['iterates'] = s['iterates'].at[i + 1].set(x_new)
+
+    # Checkpoint: halve the step of examples whose loss rarely increased or
+    # whose best loss stalled, and send them back to their best point.
+    window = windows[i]
+    check = window > 0
+    oscillates = num_increases.astype(jnp.float32) <= (
+      window.astype(jnp.float32) * rho
+    )
+    stalled = ~s['reduced_checked'] & (s['loss_best_checked'] >= s['loss_best'])
+    reduce = check & (oscillates | stalled)
+    s['reduced_checked'] = jnp.where(
+      check, oscillates | stalled, s['reduced_checked']
+    )
+    s['loss_best_checked'] = jnp.where(
+      check, s['loss_best'], s['loss_best_checked']
+    )
+    s['num_increases'] = jnp.where(check, 0, num_increases)
+    s['step'] = jnp.where(reduce, s['step'] / 2.0, s['step'])
+    back = ball.per_example(reduce, x)
+    s['x_prev'] = x
+    s['x'] = jnp.where(back, s['x_best'], x_new)
+    s['grad'] = jnp.where(back, s['grad_best'], grad)
+    return s
+
+  s = jax.lax.fori_loop(0, num_steps, body, state)
+  out = dict(
+    x_best=s['x_best'],
+    loss_best=s['loss_best'],
+    x_adv=s['x_adv'],
+    is_adv=~s['robust'],
+    step=s['step'],
+  )
+  if trace:
+    out['losses'] = s['losses']
+    out['iterates'] = s['iterates']
+  return out
+
+
+@jax.custom_vjp
+def _cross_entropy(logits, labels):
+  """Per-example softmax cross-entropy, computed as torch computes it."""
+  return -_pick(_log_softmax(logits), labels)
+
+
+def _log_softmax(logits):
+  # Shift by the max and keep the log of the sum apart: at saturation the
+  # loss keeps its float32 precision (log-sum-exp minus the label's logit
+  # would round it to the ulp of the logits).
+  shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+  return shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
+
+
+def _pick(x, index):
+  return jnp.take_along_axis(x, index[:, None], axis=1)[:, 0]
+
+
+def _cross_entropy_fwd(logits, labels):
+  out = _log_softmax(logits)
+  return -_pick(out, labels), (out, labels)
+
+
+def _cross_entropy_bwd(res, g):
+  out, labels = res
+  g_out = _scatter(labels, -g, out.shape[-1])
+  total = jnp.sum(g_out, axis=-1, keepdims=True)
+  return g_out - jnp.exp(out) * total, None
+
+
+_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
+def _ce(logits, labels, targets):
+  del targets
+  return _cross_entropy(logits, labels)
+
+
+def _dlr(logits, labels, targets):
+  del targets
+  return dlr_loss(logits, labels)
+
+
+def _targeted_ce(logits, labels, targets):
+  del labels
+  return -_cross_entropy(logits, targets)
+
+
+_LOSS_FNS = {
+  'ce': _ce,
+  'dlr': _dlr,
+  'dlr-targeted': targeted_dlr_loss,
+  'ce-targeted': _targeted_ce,
+}
+
+
+def _attack(
+  logits_fn: LogitsFn,
+  key: jax.Array | None,
+  images: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  epsilon: jax.typing.ArrayLike,
+  norm: str,
+  loss: str,
+  num_steps: int,
+  num_restarts: int,
+  num_target_classes: int | None,
+  rho: Any,
+  bounds: tuple[Any, Any],
+  example_ids: jax.typing.ArrayLike | None,
+  x_init: jax.typing.ArrayLike | None,
+) -> tuple[jax.Array, jax.Array]:
+  """Runs APGD (num_target_classes None) or APGD-T with restarts."""
+  ball.check_norm(norm)
+  lo, hi = ball.check_bounds(bounds)
+  images, labels, example_ids = ball.check_batch(images, labels, example_ids)
+  if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+    raise ValueError(f'num_steps must be a Python int >= 1, got {num_steps!r}.')
+  if not isinstance(num_restarts, (int, np.integer)) or num_restarts < 1:
+    raise ValueError(
+      f'num_restarts must be a Python int >= 1, got {num_restarts!r}.'
+    )
+  if x_init is None and key is None:
+    raise ValueError('a random start needs a key; got key=None.')
+  batch = images.shape[0]
+  dtype = jnp.promote_types(images.dtype, jnp.float32)
+  x0 = images.astype(dtype)
+  epsilon = jnp.asarray(epsilon, dtype)
+  lo = jnp.asarray(lo, dtype)
+  hi = jnp.asarray(hi, dtype)
+  if x_init is not None:
+    x_init = jnp.asarray(x_init)
+    if x_init.shape != images.shape:
+      raise ValueError(
+        f'x_init must have the shape of images {images.shape}, got '
+        f'{x_init.shape}.'
+      )
+    x_init = _project(x_init.astype(dtype), x0, epsilon, norm, lo, hi)
+
+  clean_logits = ball.check_logits(logits_fn(x0), batch)
+  num_classes = clean_logits.shape[-1]
+  robust = jnp.argmax(clean_logits, axis=-1) == labels
+  if num_target_classes is None:
+    num_runs = num_restarts
+    ranking = None
+  else:
+    if (
+      not isinstance(num_target_classes, (int, np.integer))
+      or not 1 <= num_target_classes <= num_classes - 1
+    ):
+      raise ValueError(
+        f'num_target_classes must be a Python int in [1, {num_classes - 1}], '
+        f'got {num_target_classes!r}.'
+      )
+    num_runs = num_target_classes * num_restarts
+    # Classes by increasing clean logit: the target of the k-th target class
+    # (k = 1, 2, ...) is the class with the (k + 1)-th largest clean logit.
+    ranking = jnp.argsort(clean_logits, axis=-1)
+  loss_fn = _LOSS_FNS[loss]
+
+  def cond(c):
+    run, robust, _ = c
+    return (run < num_runs) & jnp.any(robust)
+
+  def body(c):
+    run, robust, adv = c
+    if ranking is None:
+      targets = labels
+    else:
+      rank = num_classes - 2 - run // num_restarts
+      targets = jnp.take(ranking, rank, axis=1)
+    if x_init is None:
+      x_start = _random_start(
+        jax.random.fold_in(key, run), x0, epsilon, norm, example_ids, lo, hi
+      )
+    else:
+      x_start = x_init
+    r = _run(
+      logits_fn,
+      loss_fn,
+      x0,
+      labels,
+      targets,
+      x_start,
+      epsilon,
+      norm,
+      lo,
+      hi,
+      num_steps,
+      rho,
+    )
+    broken = robust & r['is_adv']
+    adv = jnp.where(ball.per_example(broken, adv), r['x_adv'], adv)
+    return run + 1, robust & ~broken, adv
+
+  _, robust, adv = jax.lax.while_loop(
+    cond, body, (jnp.zeros((), jnp.int32), robust, x0)
+  )
+  adv = jax.lax.stop_gradient(adv.astype(images.dtype))
+  return adv, jax.lax.stop_gradient(~robust)
+
+
+def apgd(
+  logits_fn: LogitsFn,
+  key: jax.Array | None,
+  images: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  epsilon: jax.typing.ArrayLike,
+  norm: str = 'linf',
+  loss: str = 'ce',
+  num_steps: int = 100,
+  num_restarts: int = 1,
+  rho: Any = 0.75,
+  bounds: tuple[Any, Any] = (0.0, 1.0),
+  example_ids: jax.typing.ArrayLike | None = None,
+  x_init: jax.typing.ArrayLike | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Untargeted Auto-PGD, APGD-CE or APGD-DLR, under L-inf or L2.
+
+  Ascends the cross-entropy or the DLR loss of the true labels with
+  momentum and an adaptive step size (see the module docstring), from a
+  random point of the ball's surface, ``num_restarts`` times for the
+  examples not broken yet. Examples the model already misclassifies are
+  not attacked (they are returned clean, with ``is_adv`` True).
+
+  Args:
+    logits_fn: maps a [batch, ...] image batch to [batch, num_classes]
+      logits, e.g. ``lambda x: model.apply(variables, x, train=False)``.
+    key: a PRNG key for the random starts; may be None with ``x_init``.
+    images: [batch, ...] clean images, a float dtype, inside ``bounds``.
+    labels: [batch] integer true labels.
+    epsilon: radius of the ball (may be traced).
+    norm: ``'linf'`` or ``'l2'``.
+    loss: ``'ce'`` (softmax cross-entropy) or ``'dlr'`` (:func:`dlr_loss`,
+      needs >= 3 classes); computed in float32.
+    num_steps: iterations per restart, a Python int >= 1.
+    num_restarts: number of runs, a Python int >= 1.
+    rho: the fraction of loss increases in a checkpoint window below which
+      (at most) the step is halved.
+    bounds: (lo, hi) valid pixel range; scalars or arrays broadcasting
+      against the images.
+    example_ids: [batch] integer GLOBAL ids of the examples, for the random
+      starts; defaults to ``arange(batch)``.
+    x_init: optional [batch, ...] start point used instead of the random
+      start (by every restart), projected onto the ball and ``bounds``.
+
+  Returns:
+    ``(adv_images, is_adv)``: the adversarial images (same shape and dtype
+    as ``images``; the clean image where nothing succeeded) and [batch]
+    bool, True where ``adv_images`` is misclassified.
+
+  Raises:
+    ValueError: for an unknown norm or loss, bounds without lo < hi, bad
+      shapes, num_steps or num_restarts < 1, or no key without ``x_init``.
+
+  Examples:
+    >>> w = jnp.array([[1.0, -1.0], [-2.0, 2.0]])
+    >>> logits_fn = lambda x: x.reshape(len(x), -1) @ w
+    >>> x = jnp.array([[[0.5, 0.45]], [[0.9, 0.1]]])
+    >>> adv, is_adv = apgd(logits_fn, jax.random.key(0), x, jnp.array([1, 0]),
+    ...                    epsilon=0.1, num_steps=5)
+    >>> is_adv.tolist()
+    [True, False]
+  """
+  if loss not in LOSSES:
+    raise ValueError(f'unknown APGD loss {loss!r}; valid: {LOSSES}.')
+  return _attack(
+    logits_fn,
+    key,
+    images,
+    labels,
+    epsilon=epsilon,
+    norm=norm,
+    loss=loss,
+    num_steps=num_steps,
+    num_restarts=num_restarts,
+    num_target_classes=None,
+    rho=rho,
+    bounds=bounds,
+    example_ids=example_ids,
+    x_init=x_init,
+  )
+
+
+def apgd_targeted(
+  logits_fn: LogitsFn,
+  key: jax.Array | None,
+  images: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  epsilon: jax.typing.ArrayLike,
+  norm: str = 'linf',
+  loss: str = 'dlr-targeted',
+  num_steps: int = 100,
+  num_target_classes: int = 9,
+  num_restarts: int = 1,
+  rho: Any = 0.75,
+  bounds: tuple[Any, Any] = (0.0, 1.0),
+  example_ids: jax.typing.ArrayLike | None = None,
+  x_init: jax.typing.ArrayLike | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """APGD-T: Auto-PGD on the targeted DLR loss, target after target.
+
+  For k = 1 .. ``num_target_classes``, the examples not broken yet are
+  attacked ``num_restarts`` times towards the class with the (k + 1)-th
+  largest clean logit. Success is any misclassification (not necessarily
+  as the target), as in AutoAttack.
+
+  Args:
+    logits_fn: maps images to [batch, num_classes] logits.
+    key: a PRNG key for the random starts; may be None with ``x_init``.
+    images: [batch, ...] clean float images inside ``bounds``.
+    labels: [batch] integer true labels.
+    epsilon: radius of the ball (may be traced).
+    norm: ``'linf'`` or ``'l2'``.
+    loss: ``'dlr-targeted'`` (:func:`targeted_dlr_loss`, needs >= 4
+      classes) or ``'ce-targeted'`` (minus the cross-entropy of the target).
+    num_steps: iterations per run, a Python int >= 1.
+    num_target_classes: number of target classes, in [1, num_classes - 1].
+    num_restarts: runs per target class, a Python int >= 1.
+    rho: as in :func:`apgd`.
+    bounds: (lo, hi) valid pixel range.
+    example_ids: [batch] global example ids; the run of target class k,
+      restart r draws its start from ``fold_in(fold_in(key, (k - 1) *
+      num_restarts + r), id)``.
+    x_init: optional start point instead of the random starts.
+
+  Returns:
+    ``(adv_images, is_adv)`` as :func:`apgd`.
+
+  Raises:
+    ValueError: as :func:`apgd`, or num_target_classes out of range.
+
+  Examples:
+    >>> w = jnp.array([[1.0, -1.0, 0.0, 0.2], [-2.0, 2.0, 0.1, 0.0]])
+    >>> logits_fn = lambda x: x.reshape(len(x), -1) @ w
+    >>> x = jnp.array([[[0.5, 0.45]], [[0.9, 0.1]]])
+    >>> adv, is_adv = apgd_targeted(
+    ...     logits_fn, jax.random.key(0), x, jnp.array([1, 0]), epsilon=0.1,
+    ...     num_steps=5, num_target_classes=3)
+    >>> is_adv.tolist()
+    [True, False]
+  """
+  if loss not in TARGETED_LOSSES:
+    raise ValueError(
+      f'unknown APGD-T loss {loss!r}; valid: {TARGETED_LOSSES}.'
+    )
+  return _attack(
+    logits_fn,
+    key,
+    images,
+    labels,
+    epsilon=epsilon,
+    norm=norm,
+    loss=loss,
+    num_steps=num_steps,
+    num_restarts=num_restarts,
+    num_target_classes=num_target_classes,
+    rho=rho,
+    bounds=bounds,
+    example_ids=example_ids,
+    x_init=x_init,
+  )
