@@ -22,7 +22,8 @@ REF = os.path.join(
 )
 EPS = {'linf': 0.1, 'l2': 1.0}
 REPLAY_EPS = {'linf': 0.05, 'l2': 0.5}
-QUERIES = 1000  # The pytest setting; the npz has the reference's at 1000.
+QUERIES = 1000  # The pytest setting; the npz has the reference's at 1000,
+REF_SEEDS = 5  # for seeds 0 to 4.
 
 
 @pytest.fixture(scope='module')
@@ -150,41 +151,48 @@ def _attack(f, norm, num_queries):
 
 @pytest.mark.parametrize('norm', ['linf', 'l2'])
 def test_digits_robust_accuracy_vs_reference(ref, digits, norm):
+  """Robust accuracy and queries vs the reference's, both over 5 seeds.
+
+  The randomness differs, so accuracies are compared, not iterates: the
+  mean over our keys 0..4 must be at most the reference's mean over its
+  seeds 0..4 plus one point (one run's spread is about 1.5 points).
+  """
   x, y, f, w = digits
   assert np.isclose(w['w1'].sum(), ref['digits_w1_sum'], rtol=1e-5)
-  attack = _attack(f, norm, QUERIES)
-  adv, is_adv, queries = attack(
-    jax.random.key(0), x, y, EPS[norm], jnp.arange(len(x))
-  )
-  adv, is_adv, queries = map(np.asarray, (adv, is_adv, queries))
-  pred = np.asarray(jnp.argmax(f(adv), -1))
-  np.testing.assert_array_equal(is_adv, pred != y)
-  assert _norm(adv - x, norm).max() <= EPS[norm] * (1 + 1e-5)
-  assert adv.min() >= 0.0 and adv.max() <= 1.0
-  assert adv.dtype == x.dtype and adv.shape == x.shape
   clean = ref['digits_clean_correct']
   np.testing.assert_array_equal(np.asarray(jnp.argmax(f(x), -1)) == y, clean)
-  np.testing.assert_array_equal(adv[~is_adv], x[~is_adv])
-  ours = 1.0 - is_adv.mean()
+  attack = _attack(f, norm, QUERIES)
+  accuracies, mean_queries = [], []
+  for seed in range(REF_SEEDS):
+    adv, is_adv, queries = attack(
+      jax.random.key(seed), x, y, EPS[norm], jnp.arange(len(x))
+    )
+    adv, is_adv, queries = map(np.asarray, (adv, is_adv, queries))
+    pred = np.asarray(jnp.argmax(f(adv), -1))
+    np.testing.assert_array_equal(is_adv, pred != y)
+    assert _norm(adv - x, norm).max() <= EPS[norm] * (1 + 1e-5)
+    assert adv.min() >= 0.0 and adv.max() <= 1.0
+    assert adv.dtype == x.dtype and adv.shape == x.shape
+    np.testing.assert_array_equal(adv[~is_adv], x[~is_adv])
+    # Queries: 0 for the points not attacked, the budget + 1 for the
+    # unbroken ones, at most the budget for the broken ones.
+    broken = clean & is_adv
+    assert (queries[~clean] == 0).all()
+    assert (queries[clean & ~is_adv] == QUERIES + 1).all()
+    assert (queries[broken] >= 1).all() and (queries[broken] <= QUERIES).all()
+    accuracies.append(1.0 - is_adv.mean())
+    mean_queries.append(queries[broken].mean())
   theirs = [
-    ref[f'digits_{norm}_{QUERIES}_seed{s}_robust'].mean() for s in range(3)
+    ref[f'digits_{norm}_{QUERIES}_seed{s}_robust'] for s in range(REF_SEEDS)
   ]
-  assert ours <= np.mean(theirs) + 0.01, (ours, theirs)
-  # Queries: 0 for the points not attacked, budget + 1 for the unbroken ones,
-  # and a similar mean for the broken ones.
-  assert (queries[~clean] == 0).all()
-  assert (queries[clean & ~is_adv] == QUERIES + 1).all()
-  broken = clean & is_adv
-  assert (queries[broken] >= 1).all() and (queries[broken] <= QUERIES).all()
-  ref_mean = np.mean(
+  assert np.mean(accuracies) <= np.mean(theirs) + 0.01, (accuracies, theirs)
+  ref_queries = np.mean(
     [
-      ref[f'digits_{norm}_{QUERIES}_seed{s}_queries'][
-        clean & ~ref[f'digits_{norm}_{QUERIES}_seed{s}_robust']
-      ].mean()
-      for s in range(3)
+      ref[f'digits_{norm}_{QUERIES}_seed{s}_queries'][clean & ~r].mean()
+      for s, r in enumerate(theirs)
     ]
   )
-  assert 0.6 * ref_mean <= queries[broken].mean() <= 1.5 * ref_mean
+  assert 0.75 * ref_queries <= np.mean(mean_queries) <= 1.33 * ref_queries
 
 
 def test_masked_gradients_still_attacked(digits):

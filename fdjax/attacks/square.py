@@ -16,9 +16,11 @@ fraction of pixels a window covers (:func:`p_selection`,
   is moved into the first one, as a new signed pattern plus the window's old
   direction, keeping the image's norm at epsilon.
 
-As in AutoAttack's standard version: ``num_queries=5000``, ``p_init=0.8``,
-one run, the margin loss ``z_y - max_{j != y} z_j`` descended (untargeted)
-or the cross-entropy of the targets (targeted). Only the examples the model
+The algorithm is that of the authors' code in AutoAttack (called the
+reference below), as AutoAttack's standard version runs it:
+``num_queries=5000``, ``p_init=0.8``, one run, the margin loss
+``z_y - max_{j != y} z_j`` descended (untargeted) or the cross-entropy of
+the targets (targeted). Only the examples the model
 classifies correctly are attacked; an example stops querying the model once
 it is misclassified (its margin <= 0), and the loop stops when every example
 is done or the queries are spent. Each iteration runs one forward pass for
