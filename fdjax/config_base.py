@@ -21,6 +21,7 @@ from fdjax import layers
 from fdjax import models
 from fdjax import parallel
 from fdjax import preprocess
+from fdjax.attacks import ensemble as autoattack
 
 PAPER_EPSILON = attacks.PAPER_EPSILON  # 16 on the 0..255 scale.
 PAPER_STEP_SIZE = attacks.PAPER_STEP_SIZE
@@ -121,6 +122,15 @@ def eval_config() -> ml_collections.ConfigDict:
       sanity_steps=10,  # untargeted PGD steps of the epsilon sweep.
       sanity_tolerance=0.01,  # plus one example's worth of accuracy.
       sanity_max_zero_gradient_fraction=0.05,
+      # AutoAttack (fdjax.attacks.autoattack) after the PGD attacks, at
+      # eval.epsilon: '' (off), 'standard', 'plus', or attack names
+      # separated by commas ('apgd-ce,square'). Resumable per batch.
+      autoattack='',
+      autoattack_norm='linf',  # 'linf' | 'l2'.
+      autoattack_steps=100,  # APGD and FAB iterations (the reference: 100).
+      autoattack_target_classes=9,  # APGD-T and FAB-T targets.
+      autoattack_queries=5000,  # Square's queries.
+      autoattack_seed=0,
     )
   )
 
@@ -343,6 +353,11 @@ def resolve_eval_config(
   for field in ('sanity_tolerance', 'sanity_max_zero_gradient_fraction'):
     _number(f'eval.{field}', c[field], 0.0, 1.0)
   check_choice('eval.untargeted_loss', c.untargeted_loss, attacks.LOSSES)
+  autoattack_names(c.autoattack)
+  check_choice('eval.autoattack_norm', c.autoattack_norm, attacks.NORMS)
+  for field in ('autoattack_steps', 'autoattack_target_classes'):
+    _int(f'eval.{field}', c[field], 1)
+  _int('eval.autoattack_queries', c.autoattack_queries, 1)
   channels = tuple(c.figure_channels)
   if not all(_is_int(ch) and ch >= 0 for ch in channels):
     _fail(
@@ -351,6 +366,31 @@ def resolve_eval_config(
       'channel indices >= 0 (empty: the channel mean)',
     )
   return c
+
+
+def autoattack_names(value: str) -> tuple[str, tuple[str, ...]] | None:
+  """`eval.autoattack` as (version, attack names); None when it is ''.
+
+  Examples:
+    >>> autoattack_names('apgd-ce,square')
+    ('custom', ('apgd-ce', 'square'))
+  """
+  if not isinstance(value, str):
+    _fail('eval.autoattack', value, "'', 'standard', 'plus' or names")
+  value = value.strip()
+  if not value:
+    return None
+  if value in ('standard', 'plus'):
+    return value, autoattack.VERSION_ATTACKS[value]
+  names = tuple(n.strip() for n in value.split(','))
+  valid = list(autoattack.ATTACK_NAMES)
+  if not all(n in valid for n in names) or len(set(names)) != len(names):
+    _fail(
+      'eval.autoattack',
+      value,
+      f"'', 'standard', 'plus' or distinct names of {valid} joined by ','",
+    )
+  return 'custom', names
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

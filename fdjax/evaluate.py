@@ -49,6 +49,7 @@ import ml_collections
 import numpy as np
 
 from fdjax import attacks
+from fdjax import autoattack_eval
 from fdjax import checkpoints
 from fdjax import config_base
 from fdjax import data
@@ -483,6 +484,19 @@ def evaluate(
   results = (
     _aggregate(cols, attack_set, ec, config, workdir) if is_main else None
   )
+  if ec.autoattack:
+    aa = autoattack_eval.evaluate_autoattack(
+      model,
+      variables,
+      ec,
+      dc,
+      source,
+      total,
+      directory=directory,
+      fingerprint=state['variables'],
+    )
+    if is_main:
+      _add_autoattack(results, cols, aa)
   checks = None
   if ec.sanity:
     checks = _sanity(runner, ec, dc, source, cols, results, attack_set, total)
@@ -564,6 +578,29 @@ class _Progress:
       rate,
       writers.eta(self.count, self.total, self.done, elapsed),
     )
+
+
+def _add_autoattack(results, cols, aa) -> None:
+  """AutoAttack's rows, columns and its share of the all-or-nothing row."""
+  broken_by = np.asarray(aa.pop('broken_by'), np.int32)
+  cols['autoattack.broken_by'] = broken_by
+  results['autoattack'] = aa
+  results['clean_acc'] = aa['clean_acc']
+  results['autoattack_acc'] = aa['autoattack_acc']
+  results['attacks'].update(autoattack_eval.table_columns(aa))
+  aon = results.get('all_or_nothing') or {
+    'attacks': [],
+    'correct': len(broken_by),
+  }
+  robust = broken_by == -1
+  if aon['attacks']:
+    for name in aon['attacks']:
+      robust &= cols[f'{name}.correct'].astype(bool)
+  results['all_or_nothing'] = {
+    'attacks': aon['attacks'] + ['autoattack'],
+    'accuracy': float(np.mean(robust)) if len(robust) else float('nan'),
+    'correct': int(np.sum(robust)),
+  }
 
 
 def _aggregate(cols, attack_set, ec, config, workdir) -> dict[str, Any]:

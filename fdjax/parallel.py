@@ -162,6 +162,7 @@ def data_parallel(
   in_specs: Any,
   out_specs: Any,
   backend: str = 'shard_map',
+  check_vma: bool = False,
 ) -> Callable[..., Any]:
   """Wraps a per-device function so that it takes and returns global arrays.
 
@@ -175,6 +176,12 @@ def data_parallel(
       (replicated), as for ``jax.shard_map``.
     out_specs: the same for the outputs of ``fn``.
     backend: ``'shard_map'`` or ``'pmap'``.
+    check_vma: shard_map's check that every ``P()`` output is really the
+      same on all devices. With it on, the gradient with respect to a
+      replicated input is summed over devices by JAX itself; differentiate
+      with respect to ``jax.lax.pcast(x, 'data', to='varying')`` to get
+      per-device gradients (as fdjax's train step does). Off by default, so
+      that a per-device function means the same under both backends.
 
   Returns:
     A function of the global arguments. Every ``P('data')`` argument must have
@@ -217,6 +224,7 @@ def data_parallel(
       mesh=mesh,
       in_specs=in_specs,
       out_specs=out_specs,
+      check_vma=check_vma,
     )
 
     def call_shard_map(*args):
@@ -263,6 +271,7 @@ def jit_data_parallel(
   out_specs: Any,
   backend: str = 'shard_map',
   donate_argnums: int | Sequence[int] = (),
+  check_vma: bool = True,
 ) -> Callable[..., Any]:
   """:func:`data_parallel`, compiled: ``jax.jit`` for shard_map, pmap as is.
 
@@ -277,6 +286,8 @@ def jit_data_parallel(
     backend: ``'shard_map'`` or ``'pmap'``.
     donate_argnums: arguments whose buffers the shard_map version may reuse
       (e.g. the train state).
+    check_vma: as :func:`data_parallel`; on by default here (fdjax's own
+      step functions are written for it).
 
   Returns:
     The compiled function of global arrays.
@@ -290,7 +301,12 @@ def jit_data_parallel(
     [0.0, 2.0]
   """
   mapped = data_parallel(
-    fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, backend=backend
+    fn,
+    mesh=mesh,
+    in_specs=in_specs,
+    out_specs=out_specs,
+    backend=backend,
+    check_vma=check_vma,
   )
   if backend == 'shard_map':
     return jax.jit(mapped, donate_argnums=donate_argnums)

@@ -227,7 +227,9 @@ def format_table(
       if a is None:
         cells.append('-')
       else:
-        cells.append(f'{_pct(a["accuracy"])} ({_pct(a.get("success_rate"))})')
+        rate = a.get('success_rate')
+        rate = '' if rate is None else f' ({_pct(rate)})'
+        cells.append(f'{_pct(a["accuracy"])}{rate}')
     if has_aon:
       aon = r.get('all_or_nothing')
       cells.append(_pct(aon['accuracy']) if aon else '-')

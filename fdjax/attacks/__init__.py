@@ -5,11 +5,23 @@
 - The paper's protocol (`fdjax.attacks.paper`): `random_targets`,
   `paper_step_size`, `clean_start_coin`, `PGDAttack` and `targeted_pgd`.
 - `from_config` (`fdjax.attacks.factory`): the attack a config describes.
+- AutoAttack (Croce & Hein 2020), one module per attack: `fdjax.attacks.apgd`
+  (`apgd.apgd`, `apgd_targeted`, `dlr_loss`, `targeted_dlr_loss`),
+  `fdjax.attacks.fab` (`fab.fab`, `fab_targeted`), `fdjax.attacks.square`
+  (`square.square`), and the ensemble `AutoAttack` / `autoattack`
+  (`fdjax.attacks.ensemble`).
 - The ball geometry every attack shares: `fdjax.attacks.ball`.
 """
 
+from fdjax.attacks.apgd import apgd_targeted
+from fdjax.attacks.apgd import dlr_loss
+from fdjax.attacks.apgd import targeted_dlr_loss
 from fdjax.attacks.ball import NORMS
 from fdjax.attacks.ball import LogitsFn
+from fdjax.attacks.ensemble import AutoAttack
+from fdjax.attacks.ensemble import AutoAttackResult
+from fdjax.attacks.ensemble import autoattack
+from fdjax.attacks.fab import fab_targeted
 from fdjax.attacks.factory import from_config
 from fdjax.attacks.gradient import LOSSES
 from fdjax.attacks.gradient import example_losses
@@ -24,6 +36,13 @@ from fdjax.attacks.paper import random_targets
 from fdjax.attacks.paper import targeted_pgd
 
 __all__ = (
+  'AutoAttack',
+  'AutoAttackResult',
+  'apgd_targeted',
+  'autoattack',
+  'dlr_loss',
+  'fab_targeted',
+  'targeted_dlr_loss',
   'LOSSES',
   'NORMS',
   'PAPER_EPSILON',

@@ -740,9 +740,7 @@ def apgd_targeted(
     [True, False]
   """
   if loss not in TARGETED_LOSSES:
-    raise ValueError(
-      f'unknown APGD-T loss {loss!r}; valid: {TARGETED_LOSSES}.'
-    )
+    raise ValueError(f'unknown APGD-T loss {loss!r}; valid: {TARGETED_LOSSES}.')
   return _attack(
     logits_fn,
     key,

@@ -61,10 +61,17 @@ _SCHEDULE_QUERIES = 10000
 MAX_QUERIES = 200_000
 
 
-def _level(iteration: jax.typing.ArrayLike, num_queries: Any) -> jax.Array:
+def _level(
+  iteration: jax.typing.ArrayLike, num_queries: Any, rescale: bool = True
+) -> jax.Array:
   """Number of halvings of p at an iteration (0 .. 9), traceable."""
   nq = jnp.asarray(num_queries, jnp.int32)
   it = jnp.clip(jnp.asarray(iteration, jnp.int32), 0, nq)
+  if not rescale:  # The thresholds apply to the iteration itself.
+    level = jnp.zeros(it.shape, jnp.int32)
+    for t in _THRESHOLDS:
+      level += (it > t).astype(jnp.int32)
+    return level
   # The rescaled iteration floor(it * 10000 / nq) exceeds t exactly when
   # it * 10000 >= (t + 1) * nq; integers avoid any rounding at the edges.
   level = jnp.zeros(it.shape, jnp.int32)
@@ -77,6 +84,7 @@ def p_selection(
   p_init: jax.typing.ArrayLike,
   iteration: jax.typing.ArrayLike,
   num_queries: jax.typing.ArrayLike,
+  rescale_schedule: bool = True,
 ) -> jax.Array:
   """The fraction of pixels a window covers at an iteration.
 
@@ -91,6 +99,9 @@ def p_selection(
       traced.
     num_queries: the attack's query budget (may be traced), at most
       ``MAX_QUERIES``.
+    rescale_schedule: rescale the iteration to 10,000 queries first (the
+      reference's default); AutoAttack's standard version runs Square with
+      False: the thresholds then apply to the iteration itself.
 
   Returns:
     float32 ``p`` with the shape of ``iteration``.
@@ -100,7 +111,7 @@ def p_selection(
     >>> (p / 0.8).tolist()
     [1.0, 1.0, 0.5, 0.25, 0.001953125]
   """
-  level = _level(iteration, num_queries)
+  level = _level(iteration, num_queries, rescale_schedule)
   return jnp.ldexp(jnp.asarray(p_init, jnp.float32), -level)
 
 
@@ -130,6 +141,7 @@ def square_side(
   width: int,
   channels: int = 1,
   norm: str = 'linf',
+  rescale_schedule: bool = True,
 ) -> jax.Array:
   """The side ``s`` of the square window at an iteration.
 
@@ -160,7 +172,7 @@ def square_side(
   """
   ball.check_norm(norm)
   table = _side_table(float(p_init), height, width, channels, norm)
-  return jnp.asarray(table)[_level(iteration, num_queries)]
+  return jnp.asarray(table)[_level(iteration, num_queries, rescale_schedule)]
 
 
 def _window(h: int, w: int, s: jax.Array, vh: jax.Array, vw: jax.Array):
@@ -445,6 +457,7 @@ def square(
   bounds: tuple[Any, Any] = (0.0, 1.0),
   example_ids: jax.typing.ArrayLike | None = None,
   return_queries: bool = False,
+  rescale_schedule: bool = True,
 ) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, jax.Array]:
   """Square attack (Andriushchenko et al., 2020) under L-inf or L2.
 
@@ -475,6 +488,8 @@ def square(
     example_ids: [batch] integer GLOBAL ids of the examples; example i draws
       its randomness from ``fold_in(key, example_ids[i])``. Defaults to
       ``arange(batch)``.
+    rescale_schedule: rescale the square-size schedule to `num_queries`
+      (see :func:`square_side`); AutoAttack's standard version uses False.
     return_queries: also return the number of queries each example used
       (static Python bool).
 
@@ -564,7 +579,7 @@ def square(
     i, state = carry
     x_best, margin_min, _, _ = state
     todo = active & (margin_min > 0.0)
-    s = square_side(p_init, i, num_queries, h, w, c, norm)
+    s = square_side(p_init, i, num_queries, h, w, c, norm, rescale_schedule)
     draws = _draw_step(keypairs, i + 1, norm, shape, s)
     if norm == 'linf':
       x_new = _linf_candidate(x0, x_best, epsilon, s, *draws, lo, hi)

@@ -1,0 +1,432 @@
+"""AutoAttack (Croce & Hein, ICML 2020): the per-example worst case of four.
+
+The standard version runs APGD-CE, APGD-T (9 targets), FAB-T (9 targets)
+and Square (5,000 queries) in that order, each only on the points that are
+still robust; a point counts as robust only if it survives all of them. The
+version ``'plus'`` adds APGD-DLR and untargeted FAB with 5 restarts;
+``'custom'`` runs any list of the reference's attack names.
+
+The driver runs on the host: it gathers the still-robust points into
+fixed-size batches (padded by repeating a point and discarding the copies),
+so every attack compiles once per batch size and a second call compiles
+nothing. Each attack's randomness is folded per global example id (and per
+attack), so the result of a point does not depend on which other points
+share its batch, on the batch size or on the device count.
+
+A returned adversarial image is kept only when the model, evaluated again
+on it, misclassifies it and it lies inside the ball and bounds: the result
+never claims a success that is not one.
+"""
+
+from collections.abc import Callable
+from collections.abc import Sequence
+import dataclasses
+import functools
+import math
+import time
+from typing import Any
+from typing import NamedTuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fdjax.attacks import apgd as apgd_lib
+from fdjax.attacks import ball
+from fdjax.attacks import fab as fab_lib
+from fdjax.attacks import square as square_lib
+
+ATTACK_NAMES = ('apgd-ce', 'apgd-dlr', 'apgd-t', 'fab', 'fab-t', 'square')
+"""The reference's attack names, in its canonical order."""
+
+VERSIONS = ('standard', 'plus', 'custom')
+
+VERSION_ATTACKS = {
+  'standard': ('apgd-ce', 'apgd-t', 'fab-t', 'square'),
+  'plus': ('apgd-ce', 'apgd-dlr', 'fab', 'square', 'apgd-t', 'fab-t'),
+}
+
+# Attack a point with fn(logits_fn, key, images, labels, *, epsilon, norm,
+# bounds, example_ids) -> (adv, is_adv).
+AttackFn = Callable[..., tuple[jax.Array, jax.Array]]
+
+
+def attack_settings(version: str, name: str) -> dict[str, Any]:
+  """The reference's settings of one attack in one version.
+
+  Args:
+    version: 'standard', 'plus' or 'custom' (custom uses the standard
+      settings).
+    name: one of `ATTACK_NAMES`.
+
+  Returns:
+    Keyword arguments for the attack function.
+
+  Examples:
+    >>> attack_settings('plus', 'apgd-ce')
+    {'loss': 'ce', 'num_steps': 100, 'num_restarts': 5}
+  """
+  restarts = 5 if version == 'plus' else 1
+  return {
+    'apgd-ce': dict(loss='ce', num_steps=100, num_restarts=restarts),
+    'apgd-dlr': dict(loss='dlr', num_steps=100, num_restarts=restarts),
+    'apgd-t': dict(num_steps=100, num_target_classes=9, num_restarts=1),
+    'fab': dict(num_steps=100, num_restarts=restarts),
+    'fab-t': dict(num_steps=100, num_target_classes=9, num_restarts=1),
+    'square': dict(num_queries=5000, p_init=0.8, rescale_schedule=False),
+  }[name]
+
+
+_FUNCTIONS = {
+  'apgd-ce': apgd_lib.apgd,
+  'apgd-dlr': apgd_lib.apgd,
+  'apgd-t': apgd_lib.apgd_targeted,
+  'fab': fab_lib.fab,
+  'fab-t': fab_lib.fab_targeted,
+  'square': square_lib.square,
+}
+
+
+def resolve_attacks(
+  version: str = 'standard', attacks: Sequence[str] | None = None
+) -> tuple[str, ...]:
+  """The attack names a version runs, in order.
+
+  Args:
+    version: one of `VERSIONS`.
+    attacks: with version 'custom', the names to run (`ATTACK_NAMES`).
+
+  Returns:
+    A tuple of names.
+
+  Raises:
+    ValueError: an unknown version or name, or `attacks` with another
+      version than 'custom'.
+
+  Examples:
+    >>> resolve_attacks('standard')
+    ('apgd-ce', 'apgd-t', 'fab-t', 'square')
+    >>> resolve_attacks('custom', ['square'])
+    ('square',)
+  """
+  if version not in VERSIONS:
+    raise ValueError(
+      f'autoattack version={version!r} is not valid; valid: {list(VERSIONS)}.'
+    )
+  if version != 'custom':
+    if attacks is not None:
+      raise ValueError(
+        f"attacks={attacks!r} needs version='custom' (got {version!r})."
+      )
+    return VERSION_ATTACKS[version]
+  names = tuple(attacks or ())
+  bad = [n for n in names if n not in ATTACK_NAMES]
+  if not names or bad or len(set(names)) != len(names):
+    raise ValueError(
+      f'autoattack attacks={list(names)!r} is not valid; valid: a non-empty '
+      f'list of distinct names of {list(ATTACK_NAMES)}.'
+    )
+  return names
+
+
+class AutoAttackResult(NamedTuple):
+  """What `AutoAttack` returns.
+
+  Attributes:
+    adversarial: the adversarial images, shape and dtype of the images (the
+      clean image where no attack succeeded).
+    broken_by: [batch] int: 0 if the clean image is misclassified, k >= 1
+      if the k-th attack of `attacks` broke it first, -1 if it is robust.
+    attacks: the attack names, in the order run.
+    robust_accuracy: {'clean': ..., name: accuracy after that attack
+      (cumulative)}, in the order run.
+  """
+
+  adversarial: np.ndarray
+  broken_by: np.ndarray
+  attacks: tuple[str, ...]
+  robust_accuracy: dict[str, float]
+
+
+def _within_ball(adv, images, epsilon, norm, bounds, tol=1e-5):
+  delta = (adv - images).reshape(len(adv), -1).astype(np.float64)
+  if norm == 'linf':
+    dist = np.abs(delta).max(axis=1)
+  else:
+    dist = np.sqrt((delta**2).sum(axis=1))
+  lo, hi = bounds
+  inside = np.all(
+    (adv >= np.asarray(lo) - tol) & (adv <= np.asarray(hi) + tol),
+    axis=tuple(range(1, adv.ndim)),
+  )
+  return (dist <= epsilon * (1 + tol) + tol) & inside
+
+
+@dataclasses.dataclass(eq=False)
+class AutoAttack:
+  """AutoAttack of a model, compiled once per attack and batch size.
+
+  ``logits_fn(params, x)`` takes the model's parameters as an argument (so
+  new weights of the same model do not recompile) and images in pixel space
+  within ``bounds``; for a plain ``f(x)`` pass ``lambda _, x: f(x)`` and
+  ``params=None``.
+
+  Attributes:
+    logits_fn: ``(params, images) -> [batch, num_classes]`` logits.
+    epsilon: radius of the ball, in pixel units.
+    norm: 'linf' or 'l2'.
+    version: 'standard', 'plus' or 'custom'.
+    attacks: the names for version 'custom'.
+    batch_size: points per attack call (the still-robust points are packed
+      into batches of this size).
+    bounds: (lo, hi) pixel range.
+    settings: per-attack overrides of `attack_settings`, e.g.
+      ``{'square': {'num_queries': 1000}}``.
+
+  Examples:
+    >>> w = jnp.array([[1.0, -1.0], [-1.0, 1.0]])
+    >>> aa = AutoAttack(lambda _, x: x @ w, epsilon=0.3, version='custom',
+    ...                 attacks=['apgd-ce'], batch_size=2)
+    >>> x = jnp.array([[0.6, 0.4], [0.9, 0.1]])
+    >>> r = aa(None, jax.random.key(0), x, jnp.array([0, 0]))
+    >>> r.broken_by.tolist(), r.robust_accuracy['apgd-ce']
+    ([1, -1], 0.5)
+  """
+
+  logits_fn: Callable[[Any, jax.Array], jax.Array]
+  epsilon: float
+  norm: str = 'linf'
+  version: str = 'standard'
+  attacks: Sequence[str] | None = None
+  batch_size: int = 500
+  bounds: tuple[Any, Any] = (0.0, 1.0)
+  settings: dict[str, dict[str, Any]] | None = None
+
+  def __post_init__(self):
+    ball.check_norm(self.norm)
+    ball.check_bounds(self.bounds)
+    self.names = resolve_attacks(self.version, self.attacks)
+    if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+      raise ValueError(
+        f'batch_size={self.batch_size!r} is not valid; valid: an integer >= 1.'
+      )
+    if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+      raise ValueError(
+        f'epsilon={self.epsilon!r} is not valid; valid: a number > 0.'
+      )
+    unknown = sorted(set(self.settings or {}) - set(ATTACK_NAMES))
+    if unknown:
+      raise ValueError(
+        f'settings for {unknown} are not valid; valid: {list(ATTACK_NAMES)}.'
+      )
+    self._compiled = {}
+    self._predict = jax.jit(
+      lambda params, x: jnp.argmax(self.logits_fn(params, x), -1)
+    )
+
+  def kwargs(self, name: str) -> dict[str, Any]:
+    """The keyword arguments attack `name` runs with."""
+    kw = attack_settings(self.version, name)
+    kw.update((self.settings or {}).get(name, {}))
+    return kw
+
+  def compiled(self, name: str) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """The jitted ``attack(params, key, images, labels, ids)`` of `name`."""
+    if name not in self._compiled:
+      fn = functools.partial(_FUNCTIONS[name], **self.kwargs(name))
+
+      def run(params, key, images, labels, ids):
+        return fn(
+          functools.partial(self.logits_fn, params),
+          key,
+          images,
+          labels,
+          epsilon=self.epsilon,
+          norm=self.norm,
+          bounds=self.bounds,
+          example_ids=ids,
+        )
+
+      self._compiled[name] = jax.jit(run)
+    return self._compiled[name]
+
+  def predict(self, params: Any, images: np.ndarray) -> np.ndarray:
+    """Argmax predictions of float images in batches of `batch_size`."""
+    out = []
+    for idx, m in _chunks(np.arange(len(images)), self.batch_size):
+      out.append(np.asarray(self._predict(params, images[idx]))[:m])
+    return np.concatenate(out) if out else np.zeros(0, np.int32)
+
+  def __call__(
+    self,
+    params: Any,
+    key: jax.Array,
+    images: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    example_ids: jax.typing.ArrayLike | None = None,
+    on_batch: Callable[..., None] | None = None,
+    completed: dict[str, Sequence[Sequence[int]]] | None = None,
+  ) -> AutoAttackResult:
+    """Attacks the points; see the class docstring.
+
+    Args:
+      params: the first argument of `logits_fn`.
+      key: PRNG key; attack k draws from ``fold_in(key, index of its name
+        in ATTACK_NAMES)``, folded again per example id.
+      images: [N, ...] images within `bounds`, float or uint8 (uint8
+        images are divided by 255 batch by batch, for bounds (0, 1)).
+      labels: [N] integer labels.
+      example_ids: [N] global ids (default ``arange(N)``).
+      on_batch: called after every attack batch as ``on_batch(name,
+        batch, points, broken, todo, robust)``: the batch's index within
+        the attack, its (real) point indices, those it broke, how many
+        points the attack has in all, and how many are still robust.
+      completed: batches already done in an earlier, interrupted run, as
+        ``{name: [points broken by batch 0, by batch 1, ...]}`` (what
+        `on_batch` reported): they are not run again, and their points
+        count as broken (their adversarial image is then the clean one).
+        The batches of an attack depend only on the attacks before it, so
+        a resumed run ends with the same `broken_by` as an uninterrupted
+        one.
+
+    Returns:
+      An `AutoAttackResult`.
+    """
+    labels = np.asarray(labels)
+    if example_ids is None:
+      example_ids = np.arange(len(labels))
+    example_ids = np.asarray(example_ids)
+    images = np.asarray(images)
+    if len(images) != len(labels) or example_ids.shape != labels.shape:
+      raise ValueError(
+        f'images ({len(images)}), labels {labels.shape} and example_ids '
+        f'{example_ids.shape} must have the same length.'
+      )
+
+    def fetch(idx):
+      x = images[idx]
+      return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
+
+    n = len(images)
+    clean = self.predict(params, fetch(np.arange(n)) if n else images)
+    broken_by = np.where(clean == labels, -1, 0).astype(np.int32)
+    adv = np.array(fetch(np.arange(n)), copy=True)
+    accuracy = {'clean': float(np.mean(broken_by == -1)) if n else math.nan}
+    for k, name in enumerate(self.names, start=1):
+      todo = np.flatnonzero(broken_by == -1)
+      attack = self.compiled(name)
+      attack_key = jax.random.fold_in(key, ATTACK_NAMES.index(name))
+      done_before = list((completed or {}).get(name, ()))
+      start = time.perf_counter()
+      for b, (idx, m) in enumerate(_chunks(todo, self.batch_size)):
+        real = idx[:m]
+        if b < len(done_before):
+          hit = np.asarray(done_before[b], np.int64)
+          broken_by[hit] = k
+          continue
+        x = fetch(idx)
+        out, _ = attack(params, attack_key, x, labels[idx], example_ids[idx])
+        out = np.asarray(out)[:m]
+        pred = self.predict(params, out)
+        ok = (pred != labels[real]) & _within_ball(
+          out, x[:m], self.epsilon, self.norm, self.bounds
+        )
+        adv[real[ok]] = out[ok]
+        broken_by[real[ok]] = k
+        if on_batch is not None:
+          robust = int(np.sum(broken_by == -1))
+          on_batch(name, b, real, real[ok], len(todo), robust)
+      accuracy[name] = float(np.mean(broken_by == -1)) if n else math.nan
+      logging.info(
+        'autoattack %s: robust accuracy %.2f%% (%d points attacked in %.1f s)',
+        name,
+        100 * accuracy[name],
+        len(todo),
+        time.perf_counter() - start,
+      )
+    return AutoAttackResult(adv, broken_by, self.names, accuracy)
+
+
+def _chunks(idx: np.ndarray, size: int):
+  """(batch of exactly `size` indices, how many are real); the last batch
+  is padded by repeating its first index."""
+  for start in range(0, len(idx), size):
+    chunk = idx[start : start + size]
+    m = len(chunk)
+    if m < size:
+      chunk = np.concatenate([chunk, np.full(size - m, chunk[0])])
+    yield chunk, m
+
+
+@functools.lru_cache(maxsize=8)
+def _cached(logits_fn, epsilon, norm, version, attacks, batch_size, bounds):
+  return AutoAttack(
+    lambda _, x: logits_fn(x),
+    epsilon=epsilon,
+    norm=norm,
+    version=version,
+    attacks=attacks,
+    batch_size=batch_size,
+    bounds=bounds,
+  )
+
+
+def autoattack(
+  logits_fn: ball.LogitsFn,
+  key: jax.Array,
+  images: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  *,
+  epsilon: float,
+  norm: str = 'linf',
+  version: str = 'standard',
+  attacks: Sequence[str] | None = None,
+  batch_size: int = 500,
+  bounds: tuple[float, float] = (0.0, 1.0),
+  example_ids: jax.typing.ArrayLike | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+  """AutoAttack of ``logits_fn(x)``: adversarial images and who broke each.
+
+  The compiled attacks are kept for the same ``logits_fn`` object and
+  settings (a small cache), so calling this twice with the same function
+  compiles nothing the second time. Models whose weights change should use
+  `AutoAttack` with the weights as ``params``.
+
+  Args:
+    logits_fn: maps [batch, ...] images to [batch, num_classes] logits.
+    key: PRNG key.
+    images: [N, ...] float images within `bounds`.
+    labels: [N] integer labels.
+    epsilon: radius of the ball.
+    norm: 'linf' or 'l2'.
+    version: 'standard', 'plus' or 'custom'.
+    attacks: names for 'custom' (`ATTACK_NAMES`).
+    batch_size: points per attack call.
+    bounds: (lo, hi) pixel range (Python numbers).
+    example_ids: [N] global example ids.
+
+  Returns:
+    ``(adversarial_images, broken_by)``; see `AutoAttackResult`.
+
+  Examples:
+    >>> w = jnp.array([[1.0, -1.0], [-1.0, 1.0]])
+    >>> x = jnp.array([[0.6, 0.4], [0.9, 0.1]])
+    >>> adv, broken_by = autoattack(lambda x: x @ w, jax.random.key(0), x,
+    ...     jnp.array([0, 0]), epsilon=0.3, version='custom',
+    ...     attacks=['apgd-ce'], batch_size=2)
+    >>> broken_by.tolist()
+    [1, -1]
+  """
+  aa = _cached(
+    logits_fn,
+    float(epsilon),
+    norm,
+    version,
+    None if attacks is None else tuple(attacks),
+    int(batch_size),
+    tuple(float(b) for b in bounds),
+  )
+  result = aa(None, key, images, labels, example_ids=example_ids)
+  return result.adversarial, result.broken_by

@@ -1,0 +1,161 @@
+"""AutoAttack's ensemble driver: worst case, batch packing, no recompile."""
+
+import os
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fdjax import attacks
+from fdjax.attacks import ensemble as aa_lib
+from fdjax.attacks import square as square_lib
+
+sys.path.insert(0, __file__.rsplit('/', 1)[0])
+import digits_mlp  # noqa: E402
+
+EPS = 0.1
+N = 48
+
+
+@pytest.fixture(scope='module')
+def digits():
+  w = digits_mlp.weights()
+  _, _, x, y = digits_mlp.data()
+  return w, x[:N], y[:N]
+
+
+def logits(w, x):
+  return digits_mlp.logits_fn(w)(x)
+
+
+def small_settings():
+  return {
+    'apgd-ce': {'num_steps': 20},
+    'apgd-t': {'num_steps': 20, 'num_target_classes': 3},
+    'fab-t': {'num_steps': 20, 'num_target_classes': 3},
+    'square': {'num_queries': 200},
+  }
+
+
+def test_versions_and_names():
+  assert aa_lib.resolve_attacks('standard') == (
+    'apgd-ce',
+    'apgd-t',
+    'fab-t',
+    'square',
+  )
+  assert aa_lib.resolve_attacks('plus')[:2] == ('apgd-ce', 'apgd-dlr')
+  for bad in (('custom', None), ('custom', ['pgd']), ('fast', None)):
+    with pytest.raises(ValueError, match='valid'):
+      aa_lib.resolve_attacks(*bad)
+  with pytest.raises(ValueError, match="version='custom'"):
+    aa_lib.resolve_attacks('standard', ['square'])
+
+
+def test_standard_is_the_worst_case_and_every_success_is_real(digits):
+  w, x, y = digits
+  aa = attacks.AutoAttack(
+    logits, epsilon=EPS, batch_size=16, settings=small_settings()
+  )
+  r = aa(w, jax.random.key(0), x, y)
+  clean = np.asarray(logits(w, x)).argmax(-1)
+  np.testing.assert_array_equal(r.broken_by == 0, clean != y)
+  # Each later row is at most the one before (cumulative), and the final
+  # accuracy is the fraction never broken.
+  accs = list(r.robust_accuracy.values())
+  assert all(b <= a for a, b in zip(accs, accs[1:]))
+  assert accs[-1] == pytest.approx(np.mean(r.broken_by == -1))
+  assert accs[-1] < accs[0]  # The attacks break some points ...
+  assert accs[-1] > 0  # ... but not all at this epsilon.
+  # Every returned image: inside the ball and bounds; the broken ones are
+  # misclassified, the others are the clean image.
+  d = np.abs(r.adversarial - x).reshape(N, -1).max(1)
+  assert d.max() <= EPS + 1e-6
+  assert r.adversarial.min() >= 0 and r.adversarial.max() <= 1
+  pred = np.asarray(logits(w, r.adversarial)).argmax(-1)
+  broken = r.broken_by > 0
+  assert np.all(pred[broken] != y[broken])
+  np.testing.assert_array_equal(r.adversarial[~broken], x[~broken])
+  # The ensemble is at least as strong as each attack alone.
+  for k, name in enumerate(r.attacks, start=1):
+    alone = attacks.AutoAttack(
+      logits,
+      epsilon=EPS,
+      version='custom',
+      attacks=[name],
+      batch_size=16,
+      settings=small_settings(),
+    )(w, jax.random.key(0), x, y)
+    assert np.all(alone.broken_by[r.broken_by == -1] <= 0), name
+    # The first attack alone is the ensemble's first row.
+    if k == 1:
+      np.testing.assert_array_equal(alone.broken_by == 1, r.broken_by == 1)
+
+
+def test_batch_packing_does_not_change_results(digits):
+  w, x, y = digits
+  custom = dict(epsilon=EPS, version='custom', attacks=['apgd-ce', 'square'])
+  settings = {'apgd-ce': {'num_steps': 10}, 'square': {'num_queries': 100}}
+  a = attacks.AutoAttack(logits, batch_size=7, settings=settings, **custom)
+  b = attacks.AutoAttack(logits, batch_size=32, settings=settings, **custom)
+  ra = a(w, jax.random.key(3), x, y)
+  rb = b(w, jax.random.key(3), x, y)
+  np.testing.assert_array_equal(ra.broken_by, rb.broken_by)
+  np.testing.assert_allclose(ra.adversarial, rb.adversarial, atol=1e-6)
+
+
+def test_second_call_does_not_recompile(digits, monkeypatch):
+  w, x, y = digits
+  traced = chex.assert_max_traces(aa_lib._FUNCTIONS['apgd-ce'], n=1)
+  monkeypatch.setitem(aa_lib._FUNCTIONS, 'apgd-ce', traced)
+  aa = attacks.AutoAttack(
+    logits,
+    epsilon=EPS,
+    version='custom',
+    attacks=['apgd-ce'],
+    batch_size=16,
+    settings={'apgd-ce': {'num_steps': 5}},
+  )
+  aa(w, jax.random.key(0), x, y)
+  w2 = jax.tree.map(lambda a: a * 1.01, w)  # New weights, same model.
+  aa(w2, jax.random.key(1), x[:20], y[:20])  # Fewer points, same batches.
+
+
+def test_functional_form_and_bad_settings(digits):
+  w, x, y = digits
+  fn = digits_mlp.logits_fn(w)
+  adv, broken_by = attacks.autoattack(
+    fn,
+    jax.random.key(0),
+    jnp.asarray(x[:8]),
+    y[:8],
+    epsilon=EPS,
+    version='custom',
+    attacks=['apgd-ce'],
+    batch_size=8,
+  )
+  assert adv.shape == x[:8].shape and broken_by.shape == (8,)
+  with pytest.raises(ValueError, match='batch_size'):
+    attacks.AutoAttack(logits, epsilon=EPS, batch_size=0)
+  with pytest.raises(ValueError, match='settings'):
+    attacks.AutoAttack(logits, epsilon=EPS, settings={'pgd': {}})
+  with pytest.raises(ValueError, match='norm'):
+    attacks.AutoAttack(logits, epsilon=EPS, norm='l1')
+
+
+def test_standard_square_schedule_is_not_rescaled_as_the_reference():
+  # AutoAttack runs Square with resc_schedule=False: the reference's p at
+  # every iteration of its 5,000 queries.
+  ref = np.load(
+    __file__.rsplit('/', 1)[0]
+    + '/data/autoattack/square_schedule_reference.npz'
+  )['p']
+  kw = aa_lib.attack_settings('standard', 'square')
+  assert kw == {'num_queries': 5000, 'p_init': 0.8, 'rescale_schedule': False}
+  p = square_lib.p_selection(
+    0.8, jnp.arange(5000), 5000, rescale_schedule=False
+  )
+  np.testing.assert_allclose(p, ref, rtol=1e-7)
