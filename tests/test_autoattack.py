@@ -1,6 +1,5 @@
 """AutoAttack's ensemble driver: worst case, batch packing, no recompile."""
 
-import os
 import sys
 
 import chex
