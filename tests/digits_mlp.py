@@ -11,7 +11,6 @@ flattening order is the same as NCHW's).
 
 import functools
 
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -52,6 +51,7 @@ def weights(hidden: int = 32) -> dict[str, np.ndarray]:
 
 def logits_fn(w: dict[str, np.ndarray]):
   """x [N, 8, 8, 1] -> logits [N, 10] in JAX."""
+  import jax.numpy as jnp  # The reference's venv has no JAX.
 
   def fn(x):
     h = jnp.maximum(x.reshape(x.shape[0], -1) @ w['w1'] + w['b1'], 0.0)

@@ -589,3 +589,86 @@ def test_run_on_checkpoint_writes_table_and_figures(tmp_path):
   )
   assert sorted(out) == names
   assert all(0 <= v < 10 for v in out.values())
+
+
+def autoattack_config(**fields):
+  return make_config(
+    num_examples=NUM_EXAMPLES,
+    pgd_steps=(4,),
+    autoattack='apgd-ce,apgd-t,square',
+    autoattack_steps=10,
+    autoattack_target_classes=2,
+    autoattack_queries=50,
+    **fields,
+  )
+
+
+def test_autoattack_rows_table_and_all_or_nothing(tmp_path):
+  r = evaluate.evaluate(
+    Linear(),
+    linear_variables(),
+    autoattack_config(),
+    workdir=str(tmp_path),
+    source=source(),
+  )
+  aa = r['autoattack']
+  assert aa['attacks'] == ['apgd-ce', 'apgd-t', 'square']
+  assert r['clean_acc'] == pytest.approx(r['clean']['accuracy'])
+  rows = [aa['rows'][n] for n in aa['attacks']]
+  assert all(b <= a for a, b in zip([r['clean_acc']] + rows, rows))
+  assert r['autoattack_acc'] == rows[-1] < r['clean_acc']
+  # AutoAttack is stronger than the paper's 4-step targeted PGD here, and
+  # the all-or-nothing row counts both.
+  assert r['autoattack_acc'] <= r['attacks']['targeted_pgd_4']['accuracy']
+  assert r['all_or_nothing']['attacks'][-1] == 'autoattack'
+  assert r['all_or_nothing']['accuracy'] <= r['autoattack_acc']
+  table = results.format_table(r)
+  assert 'AA apgd-ce' in table.splitlines()[0]
+  assert 'AutoAttack (custom)' in table.splitlines()[0]
+  npz = np.load(r['files']['per_example_npz'])
+  broken_by = npz['autoattack.broken_by']
+  assert np.mean(broken_by == -1) == pytest.approx(r['autoattack_acc'])
+  np.testing.assert_array_equal(broken_by == 0, ~npz['clean_correct'])
+
+
+def test_autoattack_resumes_after_the_last_finished_batch(tmp_path):
+  config = autoattack_config(global_batch_size=8)
+  straight = evaluate.evaluate(
+    Linear(),
+    linear_variables(),
+    config,
+    workdir=str(tmp_path / 'a'),
+    source=source(),
+  )
+  # An interruption: keep the first three finished batches, and a torn
+  # line (the batch in flight when the process died).
+  workdir = tmp_path / 'b'
+  evaluate.evaluate(
+    Linear(),
+    linear_variables(),
+    config,
+    workdir=str(workdir),
+    source=source(),
+  )
+  log = workdir / 'eval' / 'digits_test' / 'autoattack.jsonl'
+  lines = log.read_text().splitlines(keepends=True)
+  assert len(lines) > 3
+  log.write_text(''.join(lines[:3]) + lines[3][:10])
+  resumed = evaluate.evaluate(
+    Linear(),
+    linear_variables(),
+    config,
+    workdir=str(workdir),
+    source=source(),
+  )
+  assert resumed['autoattack']['resumed_batches'] == 3
+  for key in ('rows', 'autoattack_acc', 'clean_acc'):
+    assert resumed['autoattack'][key] == straight['autoattack'][key]
+  np.testing.assert_array_equal(
+    np.load(resumed['files']['per_example_npz'])['autoattack.broken_by'],
+    np.load(straight['files']['per_example_npz'])['autoattack.broken_by'],
+  )
+  # The log holds each batch once.
+  rows = [json.loads(x) for x in log.read_text().splitlines()]
+  keys = [(row['attack'], row['batch']) for row in rows]
+  assert len(keys) == len(set(keys))
