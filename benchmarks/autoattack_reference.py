@@ -69,7 +69,9 @@ def main():
       # The standard version's settings (set at construction), one attack
       # at a time so that each is timed; the loop is the reference's own.
       adversary.attacks_to_run = [name]
-      x_adv = adversary.run_standard_evaluation(xt[idx], yt[idx], bs=len(idx))
+      x_adv, _ = adversary.run_standard_evaluation(
+        xt[idx], yt[idx], batch_size=len(idx)
+      )
       with torch.no_grad():
         ok = model(x_adv).argmax(1) != yt[idx]
       robust[idx[ok]] = False
