@@ -654,11 +654,13 @@ def apgd(
   Examples:
     >>> w = jnp.array([[1.0, -1.0], [-2.0, 2.0]])
     >>> logits_fn = lambda x: x.reshape(len(x), -1) @ w
-    >>> x = jnp.array([[[0.5, 0.45]], [[0.9, 0.1]]])
+    >>> x = jnp.array([[[0.5, 0.3]], [[0.9, 0.1]]])
     >>> adv, is_adv = apgd(logits_fn, jax.random.key(0), x, jnp.array([1, 0]),
     ...                    epsilon=0.1, num_steps=5)
     >>> is_adv.tolist()
     [True, False]
+    >>> bool(jnp.abs(adv - x).max() <= 0.1 + 1e-6)
+    True
   """
   if loss not in LOSSES:
     raise ValueError(f'unknown APGD loss {loss!r}; valid: {LOSSES}.')
@@ -740,9 +742,7 @@ def apgd_targeted(
     [True, False]
   """
   if loss not in TARGETED_LOSSES:
-    raise ValueError(
-      f'unknown APGD-T loss {loss!r}; valid: {TARGETED_LOSSES}.'
-    )
+    raise ValueError(f'unknown APGD-T loss {loss!r}; valid: {TARGETED_LOSSES}.')
   return _attack(
     logits_fn,
     key,
