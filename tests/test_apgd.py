@@ -43,12 +43,12 @@ def reference():
 
 @functools.cache
 def digits():
+  """Test digits and the MLP with the weights the reference ran."""
+  # Not digits_mlp.weights(): its L-BFGS result depends on the number of
+  # BLAS threads (by ~1e-2), which would compare different models.
   _, _, x, y = digits_mlp.data()
-  return (
-    jnp.asarray(x),
-    jnp.asarray(y),
-    digits_mlp.logits_fn(digits_mlp.weights()),
-  )
+  weights = {k: reference()[f'mlp_{k}'] for k in ('w1', 'b1', 'w2', 'b2')}
+  return jnp.asarray(x), jnp.asarray(y), digits_mlp.logits_fn(weights)
 
 
 def dist(d, norm):
@@ -205,7 +205,7 @@ def test_targeted_from_start_matches_reference(name, norm, loss):
   [
     ('apgd_ce', 'linf', 20),
     ('apgd_dlr', 'linf', 20),
-    ('apgd_t', 'linf', 3),
+    ('apgd_t', 'linf', 2),
     ('apgd_ce', 'l2', 20),
   ],
 )
@@ -293,7 +293,6 @@ def tiny_attack(targeted, norm, num_restarts=1, loss=None):
   [
     (False, 'linf', 'ce'),
     (False, 'l2', 'dlr'),
-    (True, 'linf', 'dlr-targeted'),
     (True, 'l2', 'ce-targeted'),
   ],
 )
@@ -378,9 +377,12 @@ def test_loop_is_not_unrolled_and_result_is_constant():
   )(x)
   assert len(traces) <= 3
   assert 'while' in str(jaxpr)
-  grad = jax.grad(
-    lambda x: jnp.sum(
-      apgd.apgd(logits_fn, None, x, y, epsilon=0.1, num_steps=2, x_init=x)[0]
+  # Under jit the attack is dead code for the gradient: a fast compile.
+  grad = jax.jit(
+    jax.grad(
+      lambda x: jnp.sum(
+        apgd.apgd(logits_fn, jax.random.key(0), x, y, epsilon=0.1, **TINY)[0]
+      )
     )
   )(x)
   np.testing.assert_array_equal(grad, np.zeros_like(x))
