@@ -18,7 +18,9 @@ code (``APGDAttack`` and ``APGDAttack_targeted``):
   if the loss increased in at most ``rho`` of the window's steps, or if its
   step was not halved at the previous checkpoint and its best loss did not
   improve since then; it then restarts from its best-loss point (with the
-  gradient there).
+  gradient there). As in the reference, the first window counts the first
+  iterate's loss as an increase when it is positive (it is compared with an
+  unwritten, zero, entry of the loss history).
 * Success: an example is adversarial as soon as ANY point the attack
   evaluates is misclassified; the point returned is the last misclassified
   point evaluated, as in the reference. Restarts (and, for APGD-T, target
@@ -26,11 +28,15 @@ code (``APGDAttack`` and ``APGDAttack_targeted``):
 
 The losses are the cross-entropy, the difference of logits ratio (DLR,
 :func:`dlr_loss`) and its targeted version (:func:`targeted_dlr_loss`),
-with the reference's epsilons in the denominators. The gradient is that of
-the SUM of per-example losses, so examples never interact: an attack's
-result does not depend on the batch or its split over devices, provided the
-caller passes GLOBAL ``example_ids`` (the random start of example i, restart
-r, is drawn from ``fold_in(fold_in(key, r), example_ids[i])``).
+with the reference's epsilons in the denominators. Their gradients follow
+torch's order of operations (custom VJPs): the DLR gradient is exactly zero
+where the loss is flat, as the reference's, and the cross-entropy keeps
+its float32 precision at saturation. The gradient is that of the SUM of
+per-example losses, so examples never interact: an attack's result does not
+depend on the batch or its split over devices (up to the float rounding of
+the model's batched ops), provided the caller passes GLOBAL
+``example_ids`` (the random start of example i, restart r, is drawn from
+``fold_in(fold_in(key, r), example_ids[i])``).
 
 Under ``jax.jit`` ``epsilon`` (and ``rho``) may be traced; ``num_steps``,
 ``num_restarts``, ``num_target_classes``, ``norm`` and ``loss`` are static.
