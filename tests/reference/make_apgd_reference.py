@@ -8,6 +8,7 @@ It runs the reference APGD (pyautoattack.autopgd_base.APGDAttack and
 APGDAttack_targeted) on the digits MLP of tests/digits_mlp.py, ported to
 torch with the same weights, and saves:
 
+* the weights of the MLP (training depends on the BLAS thread count);
 * the reference DLR and targeted DLR losses of random logits;
 * the checkpoint iterations (and window lengths) at which the reference
   checks its step size, recorded from its own loop for several numbers of
@@ -236,10 +237,14 @@ def main():
   torch.set_num_threads(1)
   torch.manual_seed(0)
   _, _, x_test, y_test = digits_mlp.data()
-  model = torch_model(digits_mlp.weights())
+  weights = digits_mlp.weights()
+  model = torch_model(weights)
   x = nchw(x_test)
   y = torch.from_numpy(y_test.astype(np.int64))
   out = dlr_losses()
+  # The weights themselves: scikit-learn's L-BFGS result depends on the
+  # number of BLAS threads, so the tests must not retrain them.
+  out.update({f'mlp_{k}': v for k, v in weights.items()})
   out.update(checkpoints(model, x, y))
   out.update(single_runs(model, x, y))
   with torch.no_grad():
