@@ -65,6 +65,11 @@ def model_settings(arch: str, depth: int, num_classes: int = 1000) -> dict:
       f'arch={arch!r} is not valid; choose one of: {", ".join(ARCHS)}'
     )
   prefix, suffix = ARCHS[arch]
+  if depth not in (50, 101, 152):
+    raise ValueError(
+      f'depth={depth!r} is not valid; valid: 50, 101, 152 (the '
+      'original release)'
+    )
   return dict(
     models.variant(f'{prefix}{int(depth)}{suffix}'),
     num_classes=int(num_classes),
