@@ -4,3 +4,6 @@ import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+# Scripts run by hand in the reference implementations' own venvs.
+collect_ignore_glob = ['reference/*']

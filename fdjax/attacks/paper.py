@@ -198,6 +198,7 @@ class PGDAttack:
     epsilon: jax.typing.ArrayLike | None = None,
     step_size: jax.typing.ArrayLike | None = None,
     num_steps: jax.typing.ArrayLike | None = None,
+    target_key: jax.Array | None = None,
   ) -> tuple[jax.Array, jax.Array]:
     """Attacks a batch.
 
@@ -215,6 +216,8 @@ class PGDAttack:
       epsilon: overrides ``self.epsilon`` (may be traced).
       step_size: overrides ``self.step_size`` (may be traced).
       num_steps: overrides ``self.num_steps`` (may be traced).
+      target_key: the targets' key; then ``key`` is the start key itself
+        and is not split (the train step derives both from its step key).
 
     Returns:
       ``(adversarial_images, attack_labels)``: the targets (targeted) or the
@@ -229,7 +232,10 @@ class PGDAttack:
     num_steps = self.num_steps if num_steps is None else num_steps
     if epsilon is None or step_size is None or num_steps is None:
       raise ValueError('PGDAttack needs epsilon, step_size and num_steps.')
-    target_key, start_key = jax.random.split(key)
+    if target_key is None:
+      target_key, start_key = jax.random.split(key)
+    else:
+      start_key = key
     if not (isinstance(restart, (int, np.integer)) and restart == 0):
       folded = jax.random.key_data(jax.random.fold_in(start_key, restart))
       start_key = jax.random.wrap_key_data(
