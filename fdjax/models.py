@@ -44,6 +44,7 @@ import jax.numpy as jnp
 
 from fdjax import denoise
 from fdjax import layers
+from fdjax import parallel
 
 ModuleDef = Any
 
@@ -496,7 +497,7 @@ def model_kwargs(model_config: Any, num_classes: int) -> dict[str, Any]:
 
 
 def from_config(
-  model_config: Any, num_classes: int, *, bn_axis_name: str | None = None
+  model_config: Any, num_classes: int, *, bn_axis_name: str = parallel.AXIS
 ) -> ResNet:
   """The network a config's `model` section describes.
 
@@ -504,7 +505,7 @@ def from_config(
     model_config: `config.model` (fields: `fdjax/config_base.py`).
     num_classes: classifier outputs.
     bn_axis_name: the device axis for synchronised BatchNorm, used when
-      `model_config.sync_batch_stats` is set.
+      `model_config.sync_batch_stats` is set (`fdjax.parallel`'s 'data').
 
   Returns:
     An unbound `ResNet`.

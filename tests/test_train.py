@@ -221,11 +221,6 @@ def test_shard_map_and_pmap_give_the_same_state(shard_map_run):
   np.testing.assert_allclose(ma[-1]['loss'], mb[-1]['loss'], rtol=1e-5)
 
 
-@pytest.mark.xfail(
-  reason='after the restructuring, 1 and 8 devices differ by up to 2.6e-4 in '
-  'conv0/kernel after 2 steps (tolerance 2e-5); to be found and fixed',
-  strict=False,
-)
 def test_one_and_eight_devices_give_the_same_state():
   # Per-device BatchNorm statistics depend on the shard by design (the
   # original); with synchronised statistics the result must not depend on
