@@ -228,7 +228,11 @@ def train_step(
     return loss, (logits, new_model_state['batch_stats'], xent)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, (logits, batch_stats, xent)), grads = grad_fn(state.params)
+  # Per-device gradients (the replicated parameters seen as varying), then
+  # averaged explicitly: under shard_map's check_vma, the gradient of the
+  # replicated parameters themselves would already be summed.
+  params = jax.lax.pcast(state.params, parallel.AXIS, to='varying')
+  (loss, (logits, batch_stats, xent)), grads = grad_fn(params)
   grads = jax.lax.pmean(grads, parallel.AXIS)
   # Per-device statistics normalise each shard (the original); the moving
   # averages are averaged so that the state stays replicated.
@@ -277,10 +281,6 @@ def make_train_step(
     out_specs=(P(), P()),
     backend=backend,
     donate_argnums=0,
-    # Per-device gradients averaged explicitly, as the original: with
-    # check_vma, JAX would sum the gradient of the replicated parameters
-    # itself, and 1 and 8 devices then no longer agree to float precision.
-    check_vma=False,
   )
 
 
