@@ -44,14 +44,22 @@ def settings(ec: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
   }
 
 
-def _load_images(dc, source, total) -> tuple[np.ndarray, np.ndarray]:
-  fn = preprocess.eval_fn(dc)
-  images, labels = [], []
-  for i in range(total):
-    example = source[i]
-    images.append(fn(example['image']))
-    labels.append(int(example['label']))
-  return np.stack(images), np.asarray(labels, np.int64)
+class _SourceImages:
+  """The eval images, read and preprocessed batch by batch when AutoAttack
+  asks for them (only a batch at a time is in memory)."""
+
+  def __init__(self, dc: ml_collections.ConfigDict, source: data.Source, n):
+    self._fn, self._source, self._n = preprocess.eval_fn(dc), source, n
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+    return np.stack([self._fn(self._source[int(i)]['image']) for i in idx])
+
+
+def _labels(source: data.Source, total: int) -> np.ndarray:
+  return np.asarray([int(source[i]['label']) for i in range(total)], np.int64)
 
 
 def _read_log(path: str) -> dict[str, list[list[int]]]:
@@ -80,6 +88,7 @@ def evaluate_autoattack(
   *,
   directory: str | None,
   fingerprint: str,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, Any]:
   """Runs AutoAttack on the first `total` examples (see the module doc).
 
@@ -93,6 +102,8 @@ def evaluate_autoattack(
     directory: where the batch log goes (None: in memory only).
     fingerprint: identifies the model's variables, so a log of another
       model is not resumed.
+    mesh: the devices to split each attack batch over (None: the default
+      device); `eval.global_batch_size` divides by them.
 
   Returns:
     {'version', 'attacks', 'norm', 'epsilon', 'clean_acc', 'autoattack_acc',
@@ -108,6 +119,7 @@ def evaluate_autoattack(
     attacks=names if version == 'custom' else None,
     batch_size=int(ec.global_batch_size),
     settings=settings(ec),
+    mesh=mesh,
   )
   state = {
     'variables': fingerprint,
@@ -149,7 +161,7 @@ def evaluate_autoattack(
   if resumed:
     logging.info('AutoAttack resumes after %d finished batches', resumed)
 
-  images, labels = _load_images(dc, source, total)
+  images, labels = _SourceImages(dc, source, total), _labels(source, total)
   clock = {'start': time.perf_counter(), 'attack': None, 'done': 0}
 
   def on_batch(name, batch, points, broken, todo, robust):
@@ -181,6 +193,7 @@ def evaluate_autoattack(
     labels,
     on_batch=on_batch,
     completed=completed,
+    return_adversarial=False,
   )
   return {
     'version': version,

@@ -494,6 +494,7 @@ def evaluate(
       total,
       directory=directory,
       fingerprint=state['variables'],
+      mesh=mesh,
     )
     if is_main:
       _add_autoattack(results, cols, aa)

@@ -158,3 +158,50 @@ def test_standard_square_schedule_is_not_rescaled_as_the_reference():
     0.8, jnp.arange(5000), 5000, rescale_schedule=False
   )
   np.testing.assert_allclose(p, ref, rtol=1e-7)
+
+
+class _LazyImages:
+  """Images read batch by batch, as the evaluation passes them."""
+
+  def __init__(self, x):
+    self.x, self.reads = x, 0
+
+  def __len__(self):
+    return len(self.x)
+
+  def __getitem__(self, idx):
+    self.reads += 1
+    return self.x[np.asarray(idx)]
+
+
+def test_one_and_eight_devices_agree_and_images_load_lazily(digits):
+  from fdjax import parallel
+
+  w, x, y = digits
+  x, y = x[:24], y[:24]
+  settings = {
+    'apgd-ce': {'num_steps': 10},
+    'fab-t': {'num_steps': 10, 'num_target_classes': 2},
+    'square': {'num_queries': 100},
+  }
+  custom = dict(
+    epsilon=EPS,
+    version='custom',
+    attacks=['apgd-ce', 'fab-t', 'square'],
+    batch_size=8,
+    settings=settings,
+  )
+  one = attacks.AutoAttack(
+    logits, mesh=parallel.make_mesh(jax.devices()[:1]), **custom
+  )(w, jax.random.key(5), x, y)
+  assert jax.device_count() == 8
+  lazy = _LazyImages(x)
+  eight = attacks.AutoAttack(logits, mesh=parallel.make_mesh(), **custom)
+  r = eight(w, jax.random.key(5), lazy, y, return_adversarial=False)
+  np.testing.assert_array_equal(r.broken_by, one.broken_by)
+  assert r.adversarial is None and lazy.reads >= 3
+  assert 0 < np.sum(one.broken_by > 0) < len(y)
+  with pytest.raises(ValueError, match='batch_size 12 does not divide'):
+    attacks.AutoAttack(
+      logits, mesh=parallel.make_mesh(), epsilon=EPS, batch_size=12
+    )

@@ -29,9 +29,13 @@ from typing import NamedTuple
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from fdjax import parallel
 from fdjax.attacks import apgd as apgd_lib
 from fdjax.attacks import ball
 from fdjax.attacks import fab as fab_lib
@@ -183,6 +187,12 @@ class AutoAttack:
     bounds: (lo, hi) pixel range.
     settings: per-attack overrides of `attack_settings`, e.g.
       ``{'square': {'num_queries': 1000}}``.
+    mesh: a `fdjax.parallel.make_mesh()` mesh to split every attack batch
+      over (``batch_size`` must divide by its devices); None runs on the
+      default device. With several processes every process makes the same
+      call with the same (global) images; each attacks its devices' share.
+      A point's result does not depend on the device count (its randomness
+      is folded by its example id).
 
   Examples:
     >>> w = jnp.array([[1.0, -1.0], [-1.0, 1.0]])
@@ -202,6 +212,7 @@ class AutoAttack:
   batch_size: int = 500
   bounds: tuple[Any, Any] = (0.0, 1.0)
   settings: dict[str, dict[str, Any]] | None = None
+  mesh: jax.sharding.Mesh | None = None
 
   def __post_init__(self):
     ball.check_norm(self.norm)
@@ -220,10 +231,47 @@ class AutoAttack:
       raise ValueError(
         f'settings for {unknown} are not valid; valid: {list(ATTACK_NAMES)}.'
       )
+    if self.mesh is not None:
+      parallel.check_divisible(
+        self.batch_size, self.mesh.devices.size, 'AutoAttack batch_size'
+      )
     self._compiled = {}
-    self._predict = jax.jit(
-      lambda params, x: jnp.argmax(self.logits_fn(params, x), -1)
+    self._predict = self._jit(
+      lambda params, x: jnp.argmax(self.logits_fn(params, x), -1), 1
     )
+
+  def _jit(self, fn: Callable[..., Any], num_replicated: int) -> Callable:
+    """jit of ``fn(*replicated, *batched)``, split over `mesh` if any."""
+    if self.mesh is None:
+      return jax.jit(fn)
+
+    def spec(x):
+      return P(parallel.AXIS) if x else P()
+
+    def call(*args):
+      specs = tuple(spec(i >= num_replicated) for i in range(len(args)))
+      mapped = parallel.data_parallel(
+        fn, mesh=self.mesh, in_specs=specs, out_specs=P(parallel.AXIS)
+      )
+      return mapped(*args)
+
+    return jax.jit(call)
+
+  def _put(self, *batch: np.ndarray) -> tuple[Any, ...]:
+    """A batch placed for `_jit`'s functions: split over the mesh, from the
+    same global batch on every process."""
+    if self.mesh is None:
+      return batch
+    sharded = NamedSharding(self.mesh, P(parallel.AXIS))
+    return tuple(
+      jax.make_array_from_callback(x.shape, sharded, lambda i, x=x: x[i])
+      for x in batch
+    )
+
+  def _get(self, x: jax.Array) -> np.ndarray:
+    if self.mesh is None or jax.process_count() == 1:
+      return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
   def kwargs(self, name: str) -> dict[str, Any]:
     """The keyword arguments attack `name` runs with."""
@@ -248,15 +296,20 @@ class AutoAttack:
           example_ids=ids,
         )
 
-      self._compiled[name] = jax.jit(run)
+      self._compiled[name] = self._jit(run, 2)
     return self._compiled[name]
 
   def predict(self, params: Any, images: np.ndarray) -> np.ndarray:
     """Argmax predictions of float images in batches of `batch_size`."""
+    params = self._replicate(params)
     out = []
     for idx, m in _chunks(np.arange(len(images)), self.batch_size):
-      out.append(np.asarray(self._predict(params, images[idx]))[:m])
+      x = _as_float(np.asarray(images[idx]))
+      out.append(self._get(self._predict(params, *self._put(x)))[:m])
     return np.concatenate(out) if out else np.zeros(0, np.int32)
+
+  def _replicate(self, tree: Any) -> Any:
+    return tree if self.mesh is None else parallel.replicate(tree, self.mesh)
 
   def __call__(
     self,
@@ -268,6 +321,7 @@ class AutoAttack:
     example_ids: jax.typing.ArrayLike | None = None,
     on_batch: Callable[..., None] | None = None,
     completed: dict[str, Sequence[Sequence[int]]] | None = None,
+    return_adversarial: bool = True,
   ) -> AutoAttackResult:
     """Attacks the points; see the class docstring.
 
@@ -276,7 +330,10 @@ class AutoAttack:
       key: PRNG key; attack k draws from ``fold_in(key, index of its name
         in ATTACK_NAMES)``, folded again per example id.
       images: [N, ...] images within `bounds`, float or uint8 (uint8
-        images are divided by 255 batch by batch, for bounds (0, 1)).
+        images are divided by 255 batch by batch, for bounds (0, 1)); or
+        any object with ``len()`` whose ``images[index_array]`` gives
+        those images (e.g. one that reads and preprocesses them from
+        disk), so that only a batch at a time is in memory.
       labels: [N] integer labels.
       example_ids: [N] global ids (default ``arange(N)``).
       on_batch: called after every attack batch as ``on_batch(name,
@@ -290,6 +347,9 @@ class AutoAttack:
         The batches of an attack depend only on the attacks before it, so
         a resumed run ends with the same `broken_by` as an uninterrupted
         one.
+      return_adversarial: False returns ``adversarial=None`` and keeps no
+        image of the whole set in memory (for large evaluations that need
+        only `broken_by`).
 
     Returns:
       An `AutoAttackResult`.
@@ -298,7 +358,8 @@ class AutoAttack:
     if example_ids is None:
       example_ids = np.arange(len(labels))
     example_ids = np.asarray(example_ids)
-    images = np.asarray(images)
+    if not hasattr(images, '__getitem__') or isinstance(images, jax.Array):
+      images = np.asarray(images)
     if len(images) != len(labels) or example_ids.shape != labels.shape:
       raise ValueError(
         f'images ({len(images)}), labels {labels.shape} and example_ids '
@@ -306,13 +367,14 @@ class AutoAttack:
       )
 
     def fetch(idx):
-      x = images[idx]
-      return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
+      return _as_float(np.asarray(images[idx]))
 
-    n = len(images)
-    clean = self.predict(params, fetch(np.arange(n)) if n else images)
+    n = len(labels)
+    params = self._replicate(params)
+    key = self._replicate(key)
+    clean = self.predict(params, images)
     broken_by = np.where(clean == labels, -1, 0).astype(np.int32)
-    adv = np.array(fetch(np.arange(n)), copy=True)
+    adv = {} if return_adversarial else None
     accuracy = {'clean': float(np.mean(broken_by == -1)) if n else math.nan}
     for k, name in enumerate(self.names, start=1):
       todo = np.flatnonzero(broken_by == -1)
@@ -327,13 +389,16 @@ class AutoAttack:
           broken_by[hit] = k
           continue
         x = fetch(idx)
-        out, _ = attack(params, attack_key, x, labels[idx], example_ids[idx])
-        out = np.asarray(out)[:m]
+        out, _ = attack(
+          params, attack_key, *self._put(x, labels[idx], example_ids[idx])
+        )
+        out = self._get(out)[:m]
         pred = self.predict(params, out)
         ok = (pred != labels[real]) & _within_ball(
           out, x[:m], self.epsilon, self.norm, self.bounds
         )
-        adv[real[ok]] = out[ok]
+        if adv is not None:
+          adv.update(zip(real[ok].tolist(), out[ok]))
         broken_by[real[ok]] = k
         if on_batch is not None:
           robust = int(np.sum(broken_by == -1))
@@ -346,7 +411,28 @@ class AutoAttack:
         len(todo),
         time.perf_counter() - start,
       )
+    if adv is not None:
+      adv = _assemble(fetch, n, self.batch_size, adv)
     return AutoAttackResult(adv, broken_by, self.names, accuracy)
+
+
+def _as_float(x: np.ndarray) -> np.ndarray:
+  return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
+
+
+def _assemble(fetch, n, batch_size, adv) -> np.ndarray:
+  """The clean images with the successful adversarial ones put in."""
+  parts = []
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, min(n, start + batch_size))
+    x = np.array(fetch(idx), copy=True)
+    for j, i in enumerate(idx.tolist()):
+      if i in adv:
+        x[j] = adv[i]
+    parts.append(x)
+  if parts:
+    return np.concatenate(parts)
+  return np.zeros((0,) + np.shape(fetch(np.zeros(0, np.int64)))[1:], np.float32)
 
 
 def _chunks(idx: np.ndarray, size: int):
