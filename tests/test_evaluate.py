@@ -592,15 +592,15 @@ def test_run_on_checkpoint_writes_table_and_figures(tmp_path):
 
 
 def autoattack_config(**fields):
-  return make_config(
+  defaults = dict(
     num_examples=NUM_EXAMPLES,
     pgd_steps=(4,),
     autoattack='apgd-ce,apgd-t,square',
     autoattack_steps=10,
     autoattack_target_classes=2,
     autoattack_queries=50,
-    **fields,
   )
+  return make_config(**{**defaults, **fields})
 
 
 def test_autoattack_rows_table_and_all_or_nothing(tmp_path):
@@ -672,3 +672,80 @@ def test_autoattack_resumes_after_the_last_finished_batch(tmp_path):
   rows = [json.loads(x) for x in log.read_text().splitlines()]
   keys = [(row['attack'], row['batch']) for row in rows]
   assert len(keys) == len(set(keys))
+
+
+_KILLED_EVAL = """
+import sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+import test_evaluate as t
+w = np.load({weights!r})
+t.linear_weights = lambda: (w['w'], w['b'])
+t.evaluate.evaluate(t.Linear(), t.linear_variables(),
+                    t.autoattack_config(**{fields!r}), workdir={workdir!r},
+                    source=t.source())
+"""
+
+
+def test_autoattack_sigkill_in_square_resumes_to_the_same_results(tmp_path):
+  # A real kill -9 while Square runs, then the same command again: it
+  # resumes after Square's last finished batch and ends as a run that was
+  # never interrupted.
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  fields = dict(
+    autoattack='apgd-ce,square',
+    autoattack_queries=1000,
+    global_batch_size=8,
+    epsilon=0.08,
+  )
+  w, b = linear_weights()
+  np.savez(tmp_path / 'w.npz', w=w, b=b)
+  workdir = tmp_path / 'killed'
+  script = _KILLED_EVAL.format(
+    tests=os.path.dirname(__file__),
+    weights=str(tmp_path / 'w.npz'),
+    fields=fields,
+    workdir=str(workdir),
+  )
+  log = workdir / 'eval' / 'digits_test' / 'autoattack.jsonl'
+
+  def square_rows():
+    if not log.exists():
+      return []
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    return [r for r in rows if r['attack'] == 'square']
+
+  proc = subprocess.Popen([sys.executable, '-c', script])
+  deadline = time.time() + 300
+  while not square_rows() and time.time() < deadline:
+    assert proc.poll() is None, 'the evaluation ended before Square'
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = len(square_rows())
+  assert done >= 1
+  subprocess.run([sys.executable, '-c', script], check=True)
+  resumed = json.loads(
+    (workdir / 'eval' / 'digits_test' / 'results.json').read_text()
+  )
+  straight = evaluate.evaluate(
+    Linear(),
+    linear_variables(),
+    autoattack_config(**fields),
+    workdir=str(tmp_path / 'straight'),
+    source=source(),
+  )
+  square_batches = len(square_rows())
+  assert done < square_batches, 'the kill came after Square had ended'
+  assert resumed['autoattack']['resumed_batches'] >= 1 + done
+  for key in ('rows', 'autoattack_acc', 'clean_acc'):
+    assert resumed['autoattack'][key] == straight['autoattack'][key]
+  npz = np.load(workdir / 'eval' / 'digits_test' / 'per_example.npz')
+  np.testing.assert_array_equal(
+    npz['autoattack.broken_by'],
+    np.load(straight['files']['per_example_npz'])['autoattack.broken_by'],
+  )
