@@ -14,6 +14,19 @@ prints one table per mode:
 * ``denoise``: forward + gradient of every op of `fdjax.denoise` at the
   paper's ResNet feature-map sizes (56x56x256, 28x28x512, 14x14x1024,
   7x7x2048).
+* ``autoattack``: `fdjax.attacks.AutoAttack` (standard version) on the
+  digits MLP of the repository's tests (``tests/digits_mlp.py``, weights
+  committed), beside the reference PyTorch AutoAttack on the same weights,
+  examples and CPU, in the same run: robust accuracy and seconds per attack,
+  fdjax's first call (compiling included) and second call (nothing to
+  compile), the ratios, and how fdjax's time grows with the number of
+  still-robust points. The reference runs from its own virtual environment,
+  never a dependency of fdjax::
+
+    python3 -m venv /tmp/aa_ref && /tmp/aa_ref/bin/pip install pyautoattack \
+        torch scikit-learn
+    python -m fdjax.benchmark --mode=autoattack \
+        --aa_reference_python=/tmp/aa_ref/bin/python
 
   python -m fdjax.benchmark                       # PGD, ResNet-50 and
                                                   # ResNet-152 + 4 blocks
@@ -61,9 +74,12 @@ dot for grouped convolutions (3x slower than XLA's),
 from collections.abc import Callable
 from collections.abc import Sequence
 import functools
+import importlib.util
 import json
 import os
 import resource
+import subprocess
+import tempfile
 import time
 from typing import Any
 
@@ -71,6 +87,7 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fdjax import attacks
 from fdjax import config_base
@@ -80,7 +97,7 @@ from fdjax import models
 from fdjax import parallel
 from fdjax import train
 
-MODES = ('pgd', 'train', 'denoise', 'all')
+MODES = ('pgd', 'train', 'denoise', 'autoattack', 'all')
 FEATURE_MAPS = ((56, 256), (28, 512), (14, 1024), (7, 2048))
 """The paper's ResNet feature maps (side, channels) at 224x224 input."""
 
@@ -517,6 +534,184 @@ def _progress(row: dict[str, Any]) -> None:
   )
 
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _digits_mlp():
+  """The tests' digits MLP module (``tests/digits_mlp.py`` of the clone)."""
+  path = os.path.join(_REPO, 'tests', 'digits_mlp.py')
+  if not os.path.exists(path):
+    raise app.UsageError(
+      '--mode=autoattack runs from a clone of the repository: it uses '
+      f'tests/digits_mlp.py and its committed weights, not found at {path}.'
+    )
+  spec = importlib.util.spec_from_file_location('digits_mlp', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _timed_autoattack(aa, params, key, x, y):
+  """(result, {attack: seconds}, total seconds) of one AutoAttack call."""
+  per_attack, clock = {}, {'t': time.perf_counter()}
+
+  def on_batch(name, *_):
+    now = time.perf_counter()
+    per_attack[name] = per_attack.get(name, 0.0) + now - clock['t']
+    clock['t'] = now
+
+  start = clock['t']
+  r = aa(params, key, x, y, on_batch=on_batch)
+  return r, per_attack, time.perf_counter() - start
+
+
+def _reference_autoattack(python, num_examples, epsilon, norm):
+  """Runs benchmarks/autoattack_reference.py with the reference's venv."""
+  script = os.path.join(_REPO, 'benchmarks', 'autoattack_reference.py')
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, 'ref.json')
+    subprocess.run(
+      [
+        python,
+        script,
+        f'--out={out}',
+        f'--num_examples={num_examples}',
+        f'--epsilon={epsilon}',
+        f'--norm={"Linf" if norm == "linf" else "L2"}',
+      ],
+      check=True,
+      stdout=subprocess.DEVNULL,
+    )
+    with open(out) as f:
+      return json.load(f)
+
+
+def benchmark_autoattack(
+  *,
+  num_examples: int = 297,
+  epsilon: float = 0.1,
+  norm: str = 'linf',
+  reference_python: str | None = None,
+  scale_points: Sequence[int] = (16, 64, 128, 256),
+  scale_batch: int = 64,
+) -> str:
+  """Times AutoAttack against the reference; returns the printed tables."""
+  mlp = _digits_mlp()
+  w = mlp.weights()
+  _, _, x, y = mlp.data()
+  x, y = x[:num_examples], y[:num_examples]
+  ref = None
+  if reference_python:
+    ref = _reference_autoattack(reference_python, len(y), epsilon, norm)
+
+  def logits_fn(p, z):
+    return mlp.logits_fn(p)(z)
+
+  key = jax.random.key(0)
+  aa = attacks.AutoAttack(
+    logits_fn, epsilon=epsilon, norm=norm, batch_size=len(y)
+  )
+  r, first, total1 = _timed_autoattack(aa, w, key, x, y)
+  _, second, total2 = _timed_autoattack(aa, w, key, x, y)
+  nan = float('nan')
+  cells = [
+    [
+      'attack',
+      'fdjax robust %',
+      'reference robust %',
+      'fdjax s (1st call)',
+      'fdjax s (2nd call)',
+      'reference s',
+      'ratio (1st)',
+      'ratio (2nd)',
+    ]
+  ]
+  cells.append(
+    [
+      'clean',
+      f'{100 * r.robust_accuracy["clean"]:.2f}',
+      f'{100 * ref["robust_accuracy"]["clean"]:.2f}' if ref else '-',
+      '',
+      '',
+      '',
+      '',
+      '',
+    ]
+  )
+  for name in r.attacks:
+    t1, t2 = first.get(name, 0.0), second.get(name, 0.0)
+    tr = ref['seconds'][name] if ref else nan
+    cells.append(
+      [
+        name,
+        f'{100 * r.robust_accuracy[name]:.2f}',
+        f'{100 * ref["robust_accuracy"][name]:.2f}' if ref else '-',
+        f'{t1:.1f}',
+        f'{t2:.1f}',
+        f'{tr:.1f}',
+        f'{tr / max(t1, 1e-9):.1f}x',
+        f'{tr / max(t2, 1e-9):.1f}x',
+      ]
+    )
+  tr = ref['total_seconds'] if ref else nan
+  cells.append(
+    [
+      'total',
+      '',
+      '',
+      f'{total1:.1f}',
+      f'{total2:.1f}',
+      f'{tr:.1f}',
+      f'{tr / total1:.1f}x',
+      f'{tr / total2:.1f}x',
+    ]
+  )
+  lines = [
+    f'AutoAttack standard, {norm} eps {epsilon}, {len(y)} digits (MLP), '
+    f'batch {len(y)}; reference torch '
+    f'{ref["torch"] if ref else "not run (--aa_reference_python)"}',
+    _cells_table(cells),
+  ]
+  if ref:
+    theirs = np.asarray(ref['broken_by']) == -1
+    ours = r.broken_by == -1
+    lines.append(
+      f'robust by fdjax only: {int(np.sum(ours & ~theirs))}, by the '
+      f'reference only: {int(np.sum(theirs & ~ours))} (of {len(y)})'
+    )
+  # Cost against the number of still-robust points: every attack runs on
+  # fixed batches of `scale_batch` (padded), compiled once.
+  robust = np.flatnonzero(r.broken_by != 0)
+  scaled = attacks.AutoAttack(
+    logits_fn, epsilon=epsilon, norm=norm, batch_size=scale_batch
+  )
+  warm = robust[:scale_batch]
+  _timed_autoattack(scaled, w, key, x[warm], y[warm])
+  cells = [['points'] + list(r.attacks) + ['total']]
+  for n in scale_points:
+    idx = np.resize(robust, n)  # Repeats points beyond the robust ones.
+    _, per, total = _timed_autoattack(scaled, w, key, x[idx], y[idx])
+    cells.append(
+      [str(n)]
+      + [f'{per.get(a, 0.0):.2f}' for a in r.attacks]
+      + [f'{total:.2f}']
+    )
+  lines.append(
+    f'\nfdjax seconds by number of points attacked (batches of '
+    f'{scale_batch}, compiled; each attack runs only on the points the '
+    'ones before it left robust)'
+  )
+  lines.append(_cells_table(cells))
+  return '\n'.join(lines)
+
+
+def _cells_table(cells: list[list[str]]) -> str:
+  widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+  return '\n'.join(
+    '  '.join(c.rjust(w) for c, w in zip(row, widths)).rstrip() for row in cells
+  )
+
+
 def _define_flags() -> None:
   # Defined only when run as a script, so that importing this module (e.g.
   # for doctests) does not clash with other modules' flags.
@@ -539,6 +734,20 @@ def _define_flags() -> None:
     'denoise_batch', None, 'Batch of the denoise op timings (--batch if unset).'
   )
   flags.DEFINE_string('json_out', None, 'Also write the rows to this file.')
+  flags.DEFINE_string(
+    'aa_reference_python',
+    None,
+    'autoattack mode: the python of a venv with the reference AutoAttack '
+    '(pyautoattack, torch); unset: fdjax only.',
+  )
+  flags.DEFINE_integer('aa_num_examples', 297, 'autoattack mode: digits.')
+  flags.DEFINE_float('aa_epsilon', 0.1, 'autoattack mode: epsilon.')
+  flags.DEFINE_enum('aa_norm', 'linf', ['linf', 'l2'], 'autoattack mode.')
+  flags.DEFINE_list(
+    'aa_scale_points',
+    ['16', '64', '128', '256'],
+    'autoattack mode: point counts of the cost-growth table.',
+  )
 
 
 def main(argv: Sequence[str]) -> None:
@@ -546,6 +755,18 @@ def main(argv: Sequence[str]) -> None:
   flag_values = flags.FLAGS
   mode = flag_values.mode
   modes = ('pgd', 'train', 'denoise') if mode == 'all' else (mode,)
+  if mode == 'autoattack':
+    print(
+      benchmark_autoattack(
+        num_examples=flag_values.aa_num_examples,
+        epsilon=flag_values.aa_epsilon,
+        norm=flag_values.aa_norm,
+        reference_python=flag_values.aa_reference_python,
+        scale_points=[int(n) for n in flag_values.aa_scale_points],
+      ),
+      flush=True,
+    )
+    return
   sizes = [int(s) for s in flag_values.sizes]
   for name in flag_values.models:
     models.variant(name)  # Fail early on a bad name.

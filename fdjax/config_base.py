@@ -123,8 +123,10 @@ def eval_config() -> ml_collections.ConfigDict:
       sanity_tolerance=0.01,  # plus one example's worth of accuracy.
       sanity_max_zero_gradient_fraction=0.05,
       # AutoAttack (fdjax.attacks.autoattack) after the PGD attacks, at
-      # eval.epsilon: '' (off), 'standard', 'plus', or attack names
-      # separated by commas ('apgd-ce,square'). Resumable per batch.
+      # eval.epsilon: '' (off), 'standard', 'plus', 'rand' (APGD-CE and
+      # APGD-DLR averaging 20 gradient samples, for randomised defences;
+      # fdjax's models are deterministic), or attack names separated by
+      # commas ('apgd-ce,square'). Resumable per batch.
       autoattack='',
       autoattack_norm='linf',  # 'linf' | 'l2'.
       autoattack_steps=100,  # APGD and FAB iterations (the reference: 100).
@@ -376,11 +378,11 @@ def autoattack_names(value: str) -> tuple[str, tuple[str, ...]] | None:
     ('custom', ('apgd-ce', 'square'))
   """
   if not isinstance(value, str):
-    _fail('eval.autoattack', value, "'', 'standard', 'plus' or names")
+    _fail('eval.autoattack', value, "'', 'standard', 'plus', 'rand' or names")
   value = value.strip()
   if not value:
     return None
-  if value in ('standard', 'plus'):
+  if value in autoattack.VERSION_ATTACKS:
     return value, autoattack.VERSION_ATTACKS[value]
   names = tuple(n.strip() for n in value.split(','))
   valid = list(autoattack.ATTACK_NAMES)
@@ -388,7 +390,8 @@ def autoattack_names(value: str) -> tuple[str, tuple[str, ...]] | None:
     _fail(
       'eval.autoattack',
       value,
-      f"'', 'standard', 'plus' or distinct names of {valid} joined by ','",
+      f"'', 'standard', 'plus', 'rand' or distinct names of {valid} "
+      "joined by ','",
     )
   return 'custom', names
 

@@ -418,3 +418,80 @@ def test_apgd_targeted_rejects_bad_input():
     apgd.apgd_targeted(logits_fn, key, x, y, epsilon=0.1, loss='dlr')
   with pytest.raises(ValueError, match='num_classes'):
     apgd.dlr_loss(jnp.zeros((2, 2)), jnp.zeros(2, jnp.int32))
+
+
+# ---------------------------------------------------------------------------
+# Expectation over transformation (AutoAttack's 'rand').
+
+
+def _noisy_linear(w, sigma):
+  """A randomised linear model: logits of x + sigma * N(0, 1)."""
+
+  def logits_fn(x, key):
+    noise = sigma * jax.random.normal(key, x.shape, x.dtype)
+    return (x + noise).reshape(len(x), -1) @ w
+
+  return logits_fn
+
+
+def test_eot_gradient_is_the_mean_over_draws_float64():
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(12, 5)).astype(np.float32)
+  x = rng.uniform(0.2, 0.8, size=(6, 3, 4)).astype(np.float32)
+  y = rng.integers(0, 5, size=6)
+  eps, sigma, eot = 0.05, 0.3, 5
+  model_key = jax.random.key(3)
+  out = jax.jit(
+    lambda x: apgd._run(
+      _noisy_linear(jnp.asarray(w), sigma),
+      apgd._LOSS_FNS['ce'],
+      x,
+      jnp.asarray(y),
+      jnp.asarray(y),
+      x,
+      eps,
+      'linf',
+      jnp.float32(0.0),
+      jnp.float32(1.0),
+      3,
+      0.75,
+      trace=True,
+      eot_iter=eot,
+      model_key=model_key,
+    )
+  )(jnp.asarray(x))
+  # The first step moves by 2 eps along the sign of the gradient averaged
+  # over the draws of evaluation 0, computed here in float64.
+  grad = np.zeros(x.shape)
+  for j in range(eot):
+    k = jax.random.fold_in(jax.random.fold_in(model_key, 0), j)
+    noise = np.asarray(sigma * jax.random.normal(k, x.shape, jnp.float32))
+    z = (x + noise).reshape(6, -1).astype(np.float64) @ w.astype(np.float64)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(6), y] -= 1.0
+    grad += (p @ w.T.astype(np.float64)).reshape(x.shape) / eot
+  expected = np.clip(
+    np.clip(x + 2 * eps * np.sign(grad), x - eps, x + eps), 0, 1
+  )
+  np.testing.assert_allclose(out['iterates'][1], expected, atol=1e-6)
+
+
+def test_eot_on_a_deterministic_model_changes_nothing():
+  x, y, logits_fn = digits()
+  x, y = x[:16], y[:16]
+  kw = dict(epsilon=0.1, num_steps=10)
+  a = apgd.apgd(logits_fn, jax.random.key(0), x, y, **kw)
+  b = apgd.apgd(
+    lambda z, key: logits_fn(z),
+    jax.random.key(0),
+    x,
+    y,
+    eot_iter=2,
+    model_key=jax.random.key(1),
+    **kw,
+  )
+  np.testing.assert_array_equal(a[1], b[1])
+  np.testing.assert_allclose(a[0], b[0], atol=1e-7)
+  with pytest.raises(ValueError, match='eot_iter'):
+    apgd.apgd(logits_fn, jax.random.key(0), x, y, eot_iter=0, **kw)

@@ -205,3 +205,44 @@ def test_one_and_eight_devices_agree_and_images_load_lazily(digits):
     attacks.AutoAttack(
       logits, mesh=parallel.make_mesh(), epsilon=EPS, batch_size=12
     )
+
+
+def test_rand_version_attacks_a_randomized_model(digits):
+  w, x, y = digits
+  x, y = x[:16], y[:16]
+
+  def noisy(p, z, key):
+    return logits(p, z + 0.05 * jax.random.normal(key, z.shape, z.dtype))
+
+  small = {'num_steps': 5, 'eot_iter': 3}
+  aa = attacks.AutoAttack(
+    noisy,
+    epsilon=EPS,
+    version='rand',
+    batch_size=8,
+    randomized=True,
+    settings={'apgd-ce': small, 'apgd-dlr': small},
+  )
+  assert aa.kwargs('apgd-ce') == {
+    'loss': 'ce',
+    'num_steps': 5,
+    'num_restarts': 1,
+    'eot_iter': 3,
+  }
+  r = aa(w, jax.random.key(0), x, y)
+  assert r.attacks == ('apgd-ce', 'apgd-dlr')
+  broken = r.broken_by > 0
+  assert broken.any()
+  # Success is judged on the fixed draw jax.random.key(0), batch by batch.
+  pred = np.concatenate(
+    [
+      np.asarray(
+        noisy(w, jnp.asarray(r.adversarial[i : i + 8]), jax.random.key(0))
+      )
+      for i in (0, 8)
+    ]
+  )
+  assert np.all(pred.argmax(-1)[broken] != y[broken])
+  assert np.abs(r.adversarial - x).max() <= EPS + 1e-6
+  with pytest.raises(ValueError, match='cannot run on a randomized model'):
+    attacks.AutoAttack(noisy, epsilon=EPS, randomized=True)

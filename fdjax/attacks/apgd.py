@@ -342,8 +342,15 @@ def _run(
   num_steps: int,
   rho: Any,
   trace: bool = False,
+  eot_iter: int = 1,
+  model_key: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
   """One APGD run from x_start (the reference's attack_single_run).
+
+  With ``model_key`` the model is randomised, ``logits_fn(x, key)``, and
+  every evaluation averages the gradient over ``eot_iter`` draws of its
+  randomness (expectation over transformation); the loss and the
+  prediction are those of the last draw, as in the reference.
 
   Returns a dict: 'x_best' (the best-loss point), 'loss_best', 'x_adv' (the
   last misclassified point evaluated, else x_start), 'is_adv' [batch] bool,
@@ -357,19 +364,39 @@ def _run(
   epsilon = jnp.asarray(epsilon, dtype)
   rho = jnp.asarray(rho, jnp.float32)
 
-  def objective(x):
-    logits = ball.check_logits(logits_fn(x), batch).astype(jnp.float32)
+  def objective(x, key):
+    out = logits_fn(x) if model_key is None else logits_fn(x, key)
+    logits = ball.check_logits(out, batch).astype(jnp.float32)
     losses = loss_fn(logits, labels, targets)
     return jnp.sum(losses), (losses, logits)
 
   value_and_grad = jax.value_and_grad(objective, has_aux=True)
 
-  def evaluate(x):
-    (_, (losses, logits)), grad = value_and_grad(x)
+  def evaluate(x, i):
+    """Loss, gradient and correctness at x, the i-th evaluation."""
+
+    def draw(j):
+      if model_key is None:
+        return value_and_grad(x, None)
+      k = jax.random.fold_in(jax.random.fold_in(model_key, i), j)
+      return value_and_grad(x, k)
+
+    (_, (losses, logits)), grad = draw(0)
+    if eot_iter > 1:
+
+      def more(j, c):
+        g, _, _ = c
+        (_, (losses, logits)), g_j = draw(j)
+        return g + g_j, losses, logits
+
+      grad, losses, logits = jax.lax.fori_loop(
+        1, eot_iter, more, (grad, losses, logits)
+      )
+      grad = grad / eot_iter
     correct = jnp.argmax(logits, axis=-1) == labels
     return losses, grad.astype(dtype), correct
 
-  loss, grad, correct = evaluate(x_start)
+  loss, grad, correct = evaluate(x_start, 0)
   state = dict(
     x=x_start,
     x_prev=x_start,
@@ -405,7 +432,7 @@ def _run(
     x_new = x + (z - x) * momentum + (x - s['x_prev']) * (1.0 - momentum)
     x_new = _project(x_new, x0, epsilon, norm, lo, hi)
 
-    loss, grad, correct = evaluate(x_new)
+    loss, grad, correct = evaluate(x_new, i + 1)
     wrong = ball.per_example(~correct, x)
     s = dict(s)
     s['robust'] = s['robust'] & correct
@@ -530,6 +557,8 @@ def _attack(
   bounds: tuple[Any, Any],
   example_ids: jax.typing.ArrayLike | None,
   x_init: jax.typing.ArrayLike | None,
+  eot_iter: int = 1,
+  model_key: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Runs APGD (num_target_classes None) or APGD-T with restarts."""
   ball.check_norm(norm)
@@ -543,6 +572,8 @@ def _attack(
     )
   if x_init is None and key is None:
     raise ValueError('a random start needs a key; got key=None.')
+  if not isinstance(eot_iter, (int, np.integer)) or eot_iter < 1:
+    raise ValueError(f'eot_iter must be a Python int >= 1, got {eot_iter!r}.')
   batch = images.shape[0]
   dtype = jnp.promote_types(images.dtype, jnp.float32)
   x0 = images.astype(dtype)
@@ -558,7 +589,11 @@ def _attack(
       )
     x_init = _project(x_init.astype(dtype), x0, epsilon, norm, lo, hi)
 
-  clean_logits = ball.check_logits(logits_fn(x0), batch)
+  if model_key is None:
+    clean_logits = logits_fn(x0)
+  else:
+    clean_logits = logits_fn(x0, jax.random.fold_in(model_key, 2**32 - 1))
+  clean_logits = ball.check_logits(clean_logits, batch)
   num_classes = clean_logits.shape[-1]
   robust = jnp.argmax(clean_logits, axis=-1) == labels
   if num_target_classes is None:
@@ -609,6 +644,10 @@ def _attack(
       hi,
       num_steps,
       rho,
+      eot_iter=eot_iter,
+      model_key=None
+      if model_key is None
+      else jax.random.fold_in(model_key, run),
     )
     broken = robust & r['is_adv']
     adv = jnp.where(ball.per_example(broken, adv), r['x_adv'], adv)
@@ -636,6 +675,8 @@ def apgd(
   bounds: tuple[Any, Any] = (0.0, 1.0),
   example_ids: jax.typing.ArrayLike | None = None,
   x_init: jax.typing.ArrayLike | None = None,
+  eot_iter: int = 1,
+  model_key: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Untargeted Auto-PGD, APGD-CE or APGD-DLR, under L-inf or L2.
 
@@ -665,6 +706,11 @@ def apgd(
       starts; defaults to ``arange(batch)``.
     x_init: optional [batch, ...] start point used instead of the random
       start (by every restart), projected onto the ball and ``bounds``.
+    eot_iter: gradient samples averaged per iteration (expectation over
+      transformation, for randomised models; AutoAttack's 'rand' uses 20).
+    model_key: for a randomised model: ``logits_fn(x, key)`` is then called
+      with keys derived from it (restart, iteration, sample); None: the
+      model is deterministic, ``logits_fn(x)``.
 
   Returns:
     ``(adv_images, is_adv)``: the adversarial images (same shape and dtype
@@ -703,6 +749,8 @@ def apgd(
     bounds=bounds,
     example_ids=example_ids,
     x_init=x_init,
+    eot_iter=eot_iter,
+    model_key=model_key,
   )
 
 
@@ -722,6 +770,8 @@ def apgd_targeted(
   bounds: tuple[Any, Any] = (0.0, 1.0),
   example_ids: jax.typing.ArrayLike | None = None,
   x_init: jax.typing.ArrayLike | None = None,
+  eot_iter: int = 1,
+  model_key: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """APGD-T: Auto-PGD on the targeted DLR loss, target after target.
 
@@ -748,6 +798,8 @@ def apgd_targeted(
       restart r draws its start from ``fold_in(fold_in(key, (k - 1) *
       num_restarts + r), id)``.
     x_init: optional start point instead of the random starts.
+    eot_iter: as in :func:`apgd`.
+    model_key: as in :func:`apgd`.
 
   Returns:
     ``(adv_images, is_adv)`` as :func:`apgd`.
@@ -782,4 +834,6 @@ def apgd_targeted(
     bounds=bounds,
     example_ids=example_ids,
     x_init=x_init,
+    eot_iter=eot_iter,
+    model_key=model_key,
   )

@@ -4,7 +4,11 @@ The standard version runs APGD-CE, APGD-T (9 targets), FAB-T (9 targets)
 and Square (5,000 queries) in that order, each only on the points that are
 still robust; a point counts as robust only if it survives all of them. The
 version ``'plus'`` adds APGD-DLR and untargeted FAB with 5 restarts;
-``'custom'`` runs any list of the reference's attack names.
+``'rand'``, for randomised defences, runs APGD-CE and APGD-DLR with every
+gradient averaged over 20 draws of the model's randomness (expectation over
+transformation); ``'custom'`` runs any list of the reference's attack
+names. A randomised model is passed as ``logits_fn(params, x, key)`` with
+``randomized=True``; JAX models are otherwise deterministic functions.
 
 The driver runs on the host: it gathers the still-robust points into
 fixed-size batches (padded by repeating a point and discarding the copies),
@@ -44,12 +48,16 @@ from fdjax.attacks import square as square_lib
 ATTACK_NAMES = ('apgd-ce', 'apgd-dlr', 'apgd-t', 'fab', 'fab-t', 'square')
 """The reference's attack names, in its canonical order."""
 
-VERSIONS = ('standard', 'plus', 'custom')
+VERSIONS = ('standard', 'plus', 'rand', 'custom')
 
 VERSION_ATTACKS = {
   'standard': ('apgd-ce', 'apgd-t', 'fab-t', 'square'),
   'plus': ('apgd-ce', 'apgd-dlr', 'fab', 'square', 'apgd-t', 'fab-t'),
+  'rand': ('apgd-ce', 'apgd-dlr'),
 }
+
+RANDOMIZED_ATTACKS = ('apgd-ce', 'apgd-dlr', 'apgd-t')
+"""The attacks that can run on a randomised model (``randomized=True``)."""
 
 # Attack a point with fn(logits_fn, key, images, labels, *, epsilon, norm,
 # bounds, example_ids) -> (adv, is_adv).
@@ -60,8 +68,8 @@ def attack_settings(version: str, name: str) -> dict[str, Any]:
   """The reference's settings of one attack in one version.
 
   Args:
-    version: 'standard', 'plus' or 'custom' (custom uses the standard
-      settings).
+    version: 'standard', 'plus', 'rand' or 'custom' (custom uses the
+      standard settings).
     name: one of `ATTACK_NAMES`.
 
   Returns:
@@ -70,8 +78,13 @@ def attack_settings(version: str, name: str) -> dict[str, Any]:
   Examples:
     >>> attack_settings('plus', 'apgd-ce')
     {'loss': 'ce', 'num_steps': 100, 'num_restarts': 5}
+    >>> attack_settings('rand', 'apgd-dlr')
+    {'loss': 'dlr', 'num_steps': 100, 'num_restarts': 1, 'eot_iter': 20}
   """
   restarts = 5 if version == 'plus' else 1
+  if version == 'rand' and name in ('apgd-ce', 'apgd-dlr'):
+    loss = name.split('-')[1]
+    return dict(loss=loss, num_steps=100, num_restarts=1, eot_iter=20)
   return {
     'apgd-ce': dict(loss='ce', num_steps=100, num_restarts=restarts),
     'apgd-dlr': dict(loss='dlr', num_steps=100, num_restarts=restarts),
@@ -180,7 +193,7 @@ class AutoAttack:
     logits_fn: ``(params, images) -> [batch, num_classes]`` logits.
     epsilon: radius of the ball, in pixel units.
     norm: 'linf' or 'l2'.
-    version: 'standard', 'plus' or 'custom'.
+    version: 'standard', 'plus', 'rand' or 'custom'.
     attacks: the names for version 'custom'.
     batch_size: points per attack call (the still-robust points are packed
       into batches of this size).
@@ -193,6 +206,11 @@ class AutoAttack:
       call with the same (global) images; each attacks its devices' share.
       A point's result does not depend on the device count (its randomness
       is folded by its example id).
+    randomized: the model is randomised: ``logits_fn(params, x, key)``.
+      The APGD attacks (`RANDOMIZED_ATTACKS`) then draw its randomness per
+      batch from the attack's key (so, unlike a deterministic model's, a
+      point's result depends on its batch), and success is checked on one
+      draw with a fixed key, ``jax.random.key(0)``.
 
   Examples:
     >>> w = jnp.array([[1.0, -1.0], [-1.0, 1.0]])
@@ -213,6 +231,7 @@ class AutoAttack:
   bounds: tuple[Any, Any] = (0.0, 1.0)
   settings: dict[str, dict[str, Any]] | None = None
   mesh: jax.sharding.Mesh | None = None
+  randomized: bool = False
 
   def __post_init__(self):
     ball.check_norm(self.norm)
@@ -231,14 +250,27 @@ class AutoAttack:
       raise ValueError(
         f'settings for {unknown} are not valid; valid: {list(ATTACK_NAMES)}.'
       )
+    if self.randomized:
+      other = [n for n in self.names if n not in RANDOMIZED_ATTACKS]
+      if other:
+        raise ValueError(
+          f'attacks {other} cannot run on a randomized model; valid: '
+          f"{list(RANDOMIZED_ATTACKS)} (e.g. version='rand')."
+        )
     if self.mesh is not None:
       parallel.check_divisible(
         self.batch_size, self.mesh.devices.size, 'AutoAttack batch_size'
       )
     self._compiled = {}
     self._predict = self._jit(
-      lambda params, x: jnp.argmax(self.logits_fn(params, x), -1), 1
+      lambda params, x: jnp.argmax(self.model_fn(params)(x), -1), 1
     )
+
+  def model_fn(self, params: Any) -> Callable[[jax.Array], jax.Array]:
+    """``x -> logits`` of the model (one fixed draw if randomized)."""
+    if self.randomized:
+      return lambda x: self.logits_fn(params, x, jax.random.key(0))
+    return functools.partial(self.logits_fn, params)
 
   def _jit(self, fn: Callable[..., Any], num_replicated: int) -> Callable:
     """jit of ``fn(*replicated, *batched)``, split over `mesh` if any."""
@@ -285,8 +317,12 @@ class AutoAttack:
       fn = functools.partial(_FUNCTIONS[name], **self.kwargs(name))
 
       def run(params, key, images, labels, ids):
+        extra = {}
+        logits_fn = functools.partial(self.logits_fn, params)
+        if self.randomized:
+          key, extra['model_key'] = jax.random.split(key)
         return fn(
-          functools.partial(self.logits_fn, params),
+          logits_fn,
           key,
           images,
           labels,
@@ -294,6 +330,7 @@ class AutoAttack:
           norm=self.norm,
           bounds=self.bounds,
           example_ids=ids,
+          **extra,
         )
 
       self._compiled[name] = self._jit(run, 2)
@@ -487,7 +524,7 @@ def autoattack(
     labels: [N] integer labels.
     epsilon: radius of the ball.
     norm: 'linf' or 'l2'.
-    version: 'standard', 'plus' or 'custom'.
+    version: 'standard', 'plus', 'rand' or 'custom'.
     attacks: names for 'custom' (`ATTACK_NAMES`).
     batch_size: points per attack call.
     bounds: (lo, hi) pixel range (Python numbers).
