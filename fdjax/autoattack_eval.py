@@ -108,7 +108,8 @@ def evaluate_autoattack(
   Returns:
     {'version', 'attacks', 'norm', 'epsilon', 'clean_acc', 'autoattack_acc',
     'rows': {attack: cumulative robust accuracy}, 'broken_by': [total] int
-    (0 clean error, k the k-th attack, -1 robust), 'resumed_batches'}.
+    (0 clean error, k the k-th attack, -1 robust), 'resumed_batches',
+    'checks' (the reference's warnings, `fdjax.attacks.AutoAttackResult`)}.
   """
   version, names = config_base.autoattack_names(ec.autoattack)
   aa = attacks.AutoAttack(
@@ -205,6 +206,7 @@ def evaluate_autoattack(
     'rows': {n: result.robust_accuracy[n] for n in result.attacks},
     'broken_by': result.broken_by.tolist(),
     'resumed_batches': resumed,
+    'checks': result.checks,
   }
 
 

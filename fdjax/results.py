@@ -259,6 +259,17 @@ def format_table(
           if k not in ('status', 'message')
         )
         lines.append(f'  [{c["status"]}] {name}: {c["message"]}; {numbers}')
+    for r in rows:
+      checks = (r.get('autoattack') or {}).get('checks')
+      if not checks:
+        continue
+      warned = sum(c['status'] != 'ok' for c in checks.values())
+      lines.append(
+        f'AutoAttack checks of {r.get("model", "?")}: '
+        + (f'{warned} warning(s)' if warned else 'ok')
+      )
+      for name, c in checks.items():
+        lines.append(f'  [{c["status"]}] {name}: {c["message"]}')
   return '\n'.join(lines)
 
 

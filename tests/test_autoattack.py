@@ -231,6 +231,7 @@ def test_rand_version_attacks_a_randomized_model(digits):
   }
   r = aa(w, jax.random.key(0), x, y)
   assert r.attacks == ('apgd-ce', 'apgd-dlr')
+  assert r.checks['randomness']['status'] == 'ok'
   broken = r.broken_by > 0
   assert broken.any()
   # Success is judged on the fixed draw jax.random.key(0), batch by batch.
@@ -246,3 +247,46 @@ def test_rand_version_attacks_a_randomized_model(digits):
   assert np.abs(r.adversarial - x).max() <= EPS + 1e-6
   with pytest.raises(ValueError, match='cannot run on a randomized model'):
     attacks.AutoAttack(noisy, epsilon=EPS, randomized=True)
+
+
+def test_the_reference_warnings_as_checks(digits):
+  w, x, y = digits
+  x, y = x[:16], y[:16]
+  settings = {
+    'apgd-ce': {'num_steps': 10},
+    'fab-t': {'num_steps': 5},
+    'square': {'num_queries': 300},
+  }
+  custom = dict(
+    epsilon=EPS,
+    version='custom',
+    attacks=['apgd-ce', 'square'],
+    batch_size=8,
+    settings=settings,
+  )
+  ok = attacks.AutoAttack(logits, **custom)(w, jax.random.key(0), x, y)
+  assert set(ok.checks) == set(aa_lib.CHECKS)
+  assert all(c['status'] == 'ok' for c in ok.checks.values()), ok.checks
+
+  def masked(p, z):  # Zero gradient almost everywhere.
+    return logits(p, jnp.round(z * 4) / 4 + 0 * z)
+
+  r = attacks.AutoAttack(masked, **custom)(w, jax.random.key(0), x, y)
+  assert r.checks['zero_gradients']['status'] == 'warn'
+  assert r.checks['square']['status'] == 'warn', r.robust_accuracy
+  probs = attacks.AutoAttack(
+    lambda p, z: jax.nn.softmax(logits(p, z)), **custom
+  )(w, jax.random.key(0), x, y)
+  assert probs.checks['logits']['status'] == 'warn'
+  # A 3-class model: the 9 targets of FAB-T are capped at 2, with a warning.
+  three = attacks.AutoAttack(
+    lambda p, z: logits(p, z)[:, :3],
+    epsilon=EPS,
+    version='custom',
+    attacks=['fab-t'],
+    batch_size=8,
+    settings=settings,
+  )
+  r3 = three(w, jax.random.key(0), x, y % 3)
+  assert r3.checks['classes']['status'] == 'warn'
+  assert three.kwargs('fab-t')['num_target_classes'] == 2

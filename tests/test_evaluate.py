@@ -623,6 +623,8 @@ def test_autoattack_rows_table_and_all_or_nothing(tmp_path):
   assert r['all_or_nothing']['attacks'][-1] == 'autoattack'
   assert r['all_or_nothing']['accuracy'] <= r['autoattack_acc']
   table = results.format_table(r)
+  assert 'AutoAttack checks of linear: ok' in table
+  assert '[ok] square:' in table
   assert 'AA apgd-ce' in table.splitlines()[0]
   assert 'AutoAttack (custom)' in table.splitlines()[0]
   npz = np.load(r['files']['per_example_npz'])

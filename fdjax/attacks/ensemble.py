@@ -158,12 +158,30 @@ class AutoAttackResult(NamedTuple):
     attacks: the attack names, in the order run.
     robust_accuracy: {'clean': ..., name: accuracy after that attack
       (cumulative)}, in the order run.
+    checks: the reference's warnings as checks, {name: {'status': 'ok' or
+      'warn', 'message': ...}}: 'randomness' (several forward passes of one
+      batch agree), 'logits' (the outputs do not look like probabilities),
+      'zero_gradients' (the DLR loss has a gradient at every clean point),
+      'classes' (enough classes for the targeted attacks), 'square' (the
+      score-based Square broke no point the gradient attacks missed, a sign
+      of masked gradients). See `CHECKS`.
   """
 
-  adversarial: np.ndarray
+  adversarial: np.ndarray | None
   broken_by: np.ndarray
   attacks: tuple[str, ...]
   robust_accuracy: dict[str, float]
+  checks: dict[str, dict[str, str]] | None = None
+
+
+CHECKS = ('randomness', 'logits', 'zero_gradients', 'classes', 'square')
+"""The names of `AutoAttackResult.checks`."""
+
+
+def _check(ok: bool, ok_message: str, warn_message: str) -> dict[str, str]:
+  if ok:
+    return {'status': 'ok', 'message': ok_message}
+  return {'status': 'warn', 'message': warn_message}
 
 
 def _within_ball(adv, images, epsilon, norm, bounds, tol=1e-5):
@@ -306,15 +324,103 @@ class AutoAttack:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
   def kwargs(self, name: str) -> dict[str, Any]:
-    """The keyword arguments attack `name` runs with."""
+    """The keyword arguments attack `name` runs with (the targeted attacks'
+    targets capped at the model's classes minus one once a call has seen
+    its outputs, as the reference does)."""
     kw = attack_settings(self.version, name)
     kw.update((self.settings or {}).get(name, {}))
+    classes = getattr(self, '_num_classes', None)
+    if 'num_target_classes' in kw and classes is not None:
+      kw['num_target_classes'] = min(kw['num_target_classes'], classes - 1)
     return kw
+
+  def _first_checks(self, params, x, y) -> dict[str, dict[str, str]]:
+    """The checks made on one batch before the attacks (see `CHECKS`)."""
+    if not hasattr(self, '_probe'):
+
+      def probe(params, key, x, y):
+        if self.randomized:
+          out = lambda z, k: self.logits_fn(params, z, k)
+        else:
+          out = lambda z, k: self.logits_fn(params, z)
+        logits = out(x, key)
+        other = out(x, jax.random.fold_in(key, 1))  # Another draw.
+        # DLR needs 3 classes; with fewer the check uses the cross-entropy.
+        if logits.shape[-1] >= 3:
+          loss = apgd_lib.dlr_loss
+        else:
+          loss = lambda z, t: (
+            -jnp.take_along_axis(jax.nn.log_softmax(z), t[:, None], axis=1)[
+              :, 0
+            ]
+          )
+        grad = jax.grad(
+          lambda z: jnp.sum(loss(out(z, key).astype(jnp.float32), y))
+        )(x)
+        grad_max = jnp.max(jnp.abs(grad.reshape(len(x), -1)), axis=1)
+        return logits, other, grad_max
+
+      self._probe = self._jit(probe, 2)
+    checks = {}
+    args = (params, self._replicate(jax.random.key(1)), *self._put(x, y))
+    logits, other, grad_max = (self._get(a) for a in self._probe(*args))
+    if not self.randomized:
+      # A second execution (a deterministic JAX function can still differ
+      # between runs on backends with non-deterministic reductions).
+      other = self._get(self._probe(*args)[0])
+    change = np.abs(other - logits).max()
+    if self.randomized:
+      checks['randomness'] = _check(
+        change > 0,
+        'two draws of the randomised model differ',
+        'two draws of the model with different keys give the same logits: '
+        "it looks deterministic, and version='rand' only repeats work",
+      )
+    else:
+      checks['randomness'] = _check(
+        change == 0,
+        'two forward passes give the same logits',
+        f'two forward passes differ (by up to {change:.3g}): a '
+        "randomised model needs randomized=True and version='rand'",
+      )
+    sums = logits.astype(np.float64).sum(-1)
+    probs = (logits.min() >= 0) and np.allclose(sums, 1.0, atol=1e-4)
+    checks['logits'] = _check(
+      not probs,
+      'the outputs are not probabilities',
+      'the outputs are in [0, 1] and sum to 1: they look like probabilities, '
+      'and the attacks need logits',
+    )
+    zero = int(np.sum(grad_max == 0))
+    checks['zero_gradients'] = _check(
+      zero == 0,
+      'the loss (DLR) has a non-zero gradient at every clean point checked',
+      f'the loss (DLR) has a zero gradient at {zero} of {len(grad_max)} clean '
+      'points: the gradient attacks cannot move them (masked gradients?)',
+    )
+    classes = logits.shape[-1]
+    self._num_classes = classes
+    wanted = max(
+      [
+        attack_settings(self.version, n).get('num_target_classes', 0)
+        for n in self.names
+      ]
+      + [v.get('num_target_classes', 0) for v in (self.settings or {}).values()]
+    )
+    checks['classes'] = _check(
+      wanted <= classes - 1,
+      f'{classes} classes: enough for the targeted attacks',
+      f'the targeted attacks ask for {wanted} target classes but the model '
+      f'has {classes} classes; they run with {classes - 1}',
+    )
+    return checks
 
   def compiled(self, name: str) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """The jitted ``attack(params, key, images, labels, ids)`` of `name`."""
-    if name not in self._compiled:
-      fn = functools.partial(_FUNCTIONS[name], **self.kwargs(name))
+    kwargs = self.kwargs(name)
+    cache_key = (name, tuple(sorted(kwargs.items())))
+    if cache_key not in self._compiled:
+      fn = functools.partial(_FUNCTIONS[name], **kwargs)
 
       def run(params, key, images, labels, ids):
         extra = {}
@@ -333,8 +439,8 @@ class AutoAttack:
           **extra,
         )
 
-      self._compiled[name] = self._jit(run, 2)
-    return self._compiled[name]
+      self._compiled[cache_key] = self._jit(run, 2)
+    return self._compiled[cache_key]
 
   def predict(self, params: Any, images: np.ndarray) -> np.ndarray:
     """Argmax predictions of float images in batches of `batch_size`."""
@@ -410,6 +516,10 @@ class AutoAttack:
     params = self._replicate(params)
     key = self._replicate(key)
     clean = self.predict(params, images)
+    probe = np.resize(np.arange(n), self.batch_size) if n else None
+    checks = (
+      self._first_checks(params, fetch(probe), labels[probe]) if n else {}
+    )
     broken_by = np.where(clean == labels, -1, 0).astype(np.int32)
     adv = {} if return_adversarial else None
     accuracy = {'clean': float(np.mean(broken_by == -1)) if n else math.nan}
@@ -450,7 +560,19 @@ class AutoAttack:
       )
     if adv is not None:
       adv = _assemble(fetch, n, self.batch_size, adv)
-    return AutoAttackResult(adv, broken_by, self.names, accuracy)
+    if 'square' in self.names and n:
+      by_square = int(np.sum(broken_by == self.names.index('square') + 1))
+      others = [a for a in self.names if a != 'square']
+      checks['square'] = _check(
+        by_square == 0 or not others,
+        'Square broke no point that the gradient attacks left robust',
+        f'Square (no gradients) broke {by_square} points that '
+        f'{", ".join(others)} left robust: the gradients may be masked',
+      )
+    for name, c in checks.items():
+      if c['status'] == 'warn':
+        logging.warning('AutoAttack check %s: %s', name, c['message'])
+    return AutoAttackResult(adv, broken_by, self.names, accuracy, checks)
 
 
 def _as_float(x: np.ndarray) -> np.ndarray:
