@@ -23,6 +23,13 @@ x101, ...). Append ',small' (e.g. `imagenet.py:r152_denoise,small`) for a
 CPU smoke test with a tiny network at 32x32 and a few steps (still the real
 pipeline).
 
+Append ',robustbench' for RobustBench's ImageNet L-inf protocol beside the
+paper's: the evaluation then measures untargeted robustness at epsilon
+4/255 (step 1/255) with 10- and 100-step untargeted PGD and the standard
+AutoAttack on the first 5,000 validation images (RobustBench's subset
+size), instead of the paper's targeted PGD at 16/255. Training is the
+paper's recipe either way.
+
 The paper trained with 30-step PGD on 128 V100s (batch 4096) for 110 epochs:
 about 52 h for R152 and 90 h for R152-Denoise. ImageNet must be prepared for
 tfds in ArrayRecord format in --config.data.data_dir (see README.md).
@@ -34,13 +41,14 @@ from fdjax import models
 
 
 def get_config(arg: str | None = None):
-  """`arg`: 'VARIANT' or 'VARIANT,small'."""
+  """`arg`: 'VARIANT' optionally followed by ',small' and ',robustbench'."""
   parts = (arg or 'r152_denoise').split(',')
   variant, options = parts[0], set(parts[1:])
-  if variant not in models.VARIANTS or not options <= {'small'}:
+  if variant not in models.VARIANTS or not options <= {'small', 'robustbench'}:
     raise ValueError(
       f'unknown config argument {arg!r} of configs/imagenet.py; valid: '
-      f'one of {sorted(models.VARIANTS)}, optionally followed by ",small"'
+      f'one of {sorted(models.VARIANTS)}, optionally followed by ",small" '
+      'and/or ",robustbench"'
     )
   config = config_base.base_config()
   config.model.update(models.variant(variant))
@@ -54,6 +62,13 @@ def get_config(arg: str | None = None):
   config.train.warmup_epochs = 5.0
   config.train.decay_epochs = (35.0, 70.0, 95.0)
   config.eval.pgd_steps = (10, 100, 1000, 2000)
+  if 'robustbench' in options:
+    config.eval.pgd_steps = ()
+    config.eval.epsilon = 4.0 / 255.0
+    config.eval.step_size = 1.0 / 255.0
+    config.eval.untargeted_steps = (10, 100)
+    config.eval.autoattack = 'standard'
+    config.eval.num_examples = 5000
 
   if 'small' in options:
     config.model.depth = 0
@@ -63,5 +78,11 @@ def get_config(arg: str | None = None):
     config.data.image_size = 32
     config.data.num_workers = 2
     config_base.make_smoke_run(config)
-    config.eval.pgd_steps = (2, 4)
+    if 'robustbench' in options:
+      config.eval.untargeted_steps = (2, 4)
+      config.eval.autoattack_steps = 2
+      config.eval.autoattack_target_classes = 2
+      config.eval.autoattack_queries = 10
+    else:
+      config.eval.pgd_steps = (2, 4)
   return config

@@ -29,6 +29,8 @@ def _variants():
   for variant in imagenet:
     yield 'imagenet', variant
     yield 'imagenet', variant + ',small'
+  yield 'imagenet', 'r152_denoise,robustbench'
+  yield 'imagenet', 'r152_denoise,small,robustbench'
 
 
 @pytest.mark.parametrize('name,arg', list(_variants()))
@@ -38,6 +40,13 @@ def test_config_loads_and_validates(name, arg):
   config.to_json()  # Strings and numbers only: saved beside checkpoints.
   if arg and 'small' in arg:
     assert config.train.num_steps > 0 and config.train.global_batch_size <= 16
+
+
+def test_imagenet_robustbench_variant_is_untargeted_at_4_255():
+  ec = load('imagenet').get_config('r152_denoise,robustbench').eval
+  assert ec.epsilon == pytest.approx(4 / 255) and ec.pgd_steps == ()
+  assert ec.untargeted_steps == (10, 100) and ec.autoattack == 'standard'
+  assert ec.num_examples == 5000
 
 
 def test_imagenet_variants_select_the_papers_models():
