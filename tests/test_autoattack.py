@@ -60,6 +60,9 @@ def test_standard_is_the_worst_case_and_every_success_is_real(digits):
     logits, epsilon=EPS, batch_size=16, settings=small_settings()
   )
   r = aa(w, jax.random.key(0), x, y)
+  # The reference's warnings, as checks: none for this normal model.
+  assert set(r.checks) == set(aa_lib.CHECKS)
+  assert all(c['status'] == 'ok' for c in r.checks.values()), r.checks
   clean = np.asarray(logits(w, x)).argmax(-1)
   np.testing.assert_array_equal(r.broken_by == 0, clean != y)
   # Each later row is at most the one before (cumulative), and the final
@@ -214,7 +217,7 @@ def test_rand_version_attacks_a_randomized_model(digits):
   def noisy(p, z, key):
     return logits(p, z + 0.05 * jax.random.normal(key, z.shape, z.dtype))
 
-  small = {'num_steps': 5, 'eot_iter': 3}
+  small = {'num_steps': 3, 'eot_iter': 2}
   aa = attacks.AutoAttack(
     noisy,
     epsilon=EPS,
@@ -225,9 +228,9 @@ def test_rand_version_attacks_a_randomized_model(digits):
   )
   assert aa.kwargs('apgd-ce') == {
     'loss': 'ce',
-    'num_steps': 5,
+    'num_steps': 3,
     'num_restarts': 1,
-    'eot_iter': 3,
+    'eot_iter': 2,
   }
   r = aa(w, jax.random.key(0), x, y)
   assert r.attacks == ('apgd-ce', 'apgd-dlr')
@@ -253,9 +256,9 @@ def test_the_reference_warnings_as_checks(digits):
   w, x, y = digits
   x, y = x[:16], y[:16]
   settings = {
-    'apgd-ce': {'num_steps': 10},
-    'fab-t': {'num_steps': 5},
-    'square': {'num_queries': 300},
+    'apgd-ce': {'num_steps': 5},
+    'fab-t': {'num_steps': 2},
+    'square': {'num_queries': 150},
   }
   custom = dict(
     epsilon=EPS,
@@ -264,9 +267,6 @@ def test_the_reference_warnings_as_checks(digits):
     batch_size=8,
     settings=settings,
   )
-  ok = attacks.AutoAttack(logits, **custom)(w, jax.random.key(0), x, y)
-  assert set(ok.checks) == set(aa_lib.CHECKS)
-  assert all(c['status'] == 'ok' for c in ok.checks.values()), ok.checks
 
   def masked(p, z):  # Zero gradient almost everywhere.
     return logits(p, jnp.round(z * 4) / 4 + 0 * z)
@@ -275,7 +275,8 @@ def test_the_reference_warnings_as_checks(digits):
   assert r.checks['zero_gradients']['status'] == 'warn'
   assert r.checks['square']['status'] == 'warn', r.robust_accuracy
   probs = attacks.AutoAttack(
-    lambda p, z: jax.nn.softmax(logits(p, z)), **custom
+    lambda p, z: jax.nn.softmax(logits(p, z)),
+    **{**custom, 'attacks': ['apgd-ce']},
   )(w, jax.random.key(0), x, y)
   assert probs.checks['logits']['status'] == 'warn'
   # A 3-class model: the 9 targets of FAB-T are capped at 2, with a warning.
