@@ -11,9 +11,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 from scipy import stats
 
 from fdjax import attacks
@@ -107,9 +107,7 @@ def test_diverse_inputs_match_numpy_and_draws_are_in_range():
   canvas = transfer.canvas_size(SIZE, 1.5)
   assert canvas == 12
   ids = jnp.arange(16) + 100
-  draws = transfer.diversity_draws(
-    jax.random.key(3), 2, ids, SIZE, canvas, 0.5
-  )
+  draws = transfer.diversity_draws(jax.random.key(3), 2, ids, SIZE, canvas, 0.5)
   rnd, top, left, apply = (np.asarray(d) for d in draws)
   assert np.all((rnd >= SIZE) & (rnd < canvas))
   assert np.all((top >= 0) & (top < canvas - rnd))
@@ -292,9 +290,7 @@ def test_data_parallel_equals_one_device_and_ensemble_averages():
   assert attack.name == 'MI-DI-TI-FGSM'
 
   def per_device(params, key, x, y, ids):
-    return attack(
-      functools.partial(apply, params), key, x, y, example_ids=ids
-    )
+    return attack(functools.partial(apply, params), key, x, y, example_ids=ids)
 
   mesh = parallel.make_mesh()
   assert mesh.devices.size == 8

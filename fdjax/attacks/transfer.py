@@ -183,7 +183,8 @@ def gaussian_kernel(size: int, sigma: float | None = None) -> np.ndarray:
     return np.ones((1, 1), np.float32)
   if sigma is None:
     sigma = (size - 1) / 6.0
-  if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+  ok = isinstance(sigma, (int, float)) and math.isfinite(sigma)
+  if not (ok and sigma > 0):
     raise ValueError(f'ti_sigma={sigma!r} is not valid; valid: a number > 0.')
   a = np.arange(size) - (size - 1) / 2.0
   g = np.exp(-(a**2) / (2.0 * float(sigma) ** 2))
@@ -285,9 +286,7 @@ def transfer_attack(
     [0.4, 0.6]
   """
   if loss not in gradient.LOSSES:
-    raise ValueError(
-      f'unknown attack loss {loss!r}; valid: {gradient.LOSSES}.'
-    )
+    raise ValueError(f'unknown attack loss {loss!r}; valid: {gradient.LOSSES}.')
   lo, hi = ball.check_bounds(bounds)
   images, labels, example_ids = ball.check_batch(images, labels, example_ids)
   batch = images.shape[0]
