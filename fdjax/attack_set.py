@@ -193,6 +193,37 @@ def _apply_train_false(model, variables, x):
   return model.apply(variables, x, train=False)
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_cached(attack, models, mesh):
+  return _build_compiled(attack, models, mesh)
+
+
+def _build_compiled(attack, models, mesh):
+  apply = attacks.ensemble_apply(
+    [functools.partial(_apply_train_false, m) for m in models]
+  )
+  d, r = P(parallel.AXIS), P()
+  return parallel.jit_data_parallel(
+    functools.partial(_attack_batch, attack, apply),
+    mesh=mesh,
+    in_specs=(r, r, d, d, d, r, r),
+    out_specs=d,
+  )
+
+
+def compiled(attack, models: tuple[Any, ...], mesh: jax.sharding.Mesh):
+  """The jitted data-parallel attack of a set (cached: no recompiles).
+
+  Returns:
+    ``fn(variables_seq, key_data, images, attack_labels, ids, epsilon,
+    num_steps) -> adversarial images`` of global arrays.
+  """
+  try:
+    return _compiled_cached(attack, models, mesh)
+  except TypeError:  # Unhashable models.
+    return _build_compiled(attack, models, mesh)
+
+
 def make_set(
   config: ml_collections.ConfigDict,
   workdir: str | None,
@@ -316,16 +347,7 @@ def make_set(
   if is_main:
     _start_directory(out, provenance)
 
-  apply = attacks.ensemble_apply(
-    [functools.partial(_apply_train_false, m) for m, _, _ in members]
-  )
-  d, r = P(parallel.AXIS), P()
-  fn = parallel.jit_data_parallel(
-    functools.partial(_attack_batch, attack, apply),
-    mesh=mesh,
-    in_specs=(r, r, d, d, d, r, r),
-    out_specs=d,
-  )
+  fn = compiled(attack, tuple(m for m, _, _ in members), mesh)
   rep = functools.partial(parallel.replicate, mesh=mesh)
   variables_rep = rep(variables_seq)
   target_key, key = jax.random.split(jax.random.key(int(c.seed)))
@@ -413,9 +435,7 @@ def make_set(
         b + 1,
         num_batches,
         len(real) / max(stats['batch_seconds'][-1], 1e-9),
-        writers.format_duration(
-          float(np.mean(recent)) * (num_batches - b - 1)
-        ),
+        writers.format_duration(float(np.mean(recent)) * (num_batches - b - 1)),
       )
   if is_main:
     rows = [

@@ -21,6 +21,7 @@ from fdjax import parallel
 from fdjax.attacks import transfer
 
 SIZE, CHANNELS, CLASSES = 8, 3, 5
+draws_fn = jax.jit(transfer.diversity_draws, static_argnums=(3, 4))
 
 
 def linear(seed=0):
@@ -113,14 +114,14 @@ def test_diverse_inputs_match_numpy_and_draws_are_in_range():
   assert np.all((top >= 0) & (top < canvas - rnd))
   assert np.all((left >= 0) & (left < canvas - rnd))
   assert 0 < apply.sum() < 16 and len(set(rnd)) > 1
-  out = transfer.diverse_inputs(jnp.asarray(x), *draws, canvas)
+  out = jax.jit(transfer.diverse_inputs, static_argnums=5)(
+    jnp.asarray(x), *draws, canvas
+  )
   np.testing.assert_array_equal(
     np.asarray(out), ref_diverse(x, rnd, top, left, apply, canvas)
   )
   # Per example: the draws of id 105 do not depend on the batch.
-  alone = transfer.diversity_draws(
-    jax.random.key(3), 2, ids[5:6], SIZE, canvas, 0.5
-  )
+  alone = draws_fn(jax.random.key(3), 2, ids[5:6], SIZE, canvas, 0.5)
   assert [int(d[0]) for d in alone] == [int(d[5]) for d in draws]
 
 
@@ -130,22 +131,15 @@ def test_di_fgsm_one_step_matches_float64_given_the_draws():
   eps, scale, key = 0.08, 1.5, jax.random.key(5)
   ids = jnp.arange(8)
   canvas = transfer.canvas_size(SIZE, scale)
-  adv = transfer.transfer_attack(
-    logits_fn(w, b),
-    key,
-    x0,
-    y,
-    epsilon=eps,
-    num_steps=1,
-    diversity_prob=0.7,
-    diversity_scale=scale,
-    example_ids=ids,
-  )
+  adv = jax.jit(
+    functools.partial(
+      transfer.transfer_attack, logits_fn(w, b), diversity_scale=scale
+    )
+  )(key, x0, y, epsilon=eps, num_steps=1, diversity_prob=0.7, example_ids=ids)
   # The attack's step 0 draws, and the gradient through the numpy
   # transform: d/dx of the loss at T(x), T a gather with zeros.
   rnd, top, left, apply = (
-    np.asarray(d)
-    for d in transfer.diversity_draws(key, 0, ids, SIZE, canvas, 0.7)
+    np.asarray(d) for d in draws_fn(key, 0, ids, SIZE, canvas, 0.7)
   )
   assert 0 < apply.sum() < 8
   tx = ref_diverse(x0, rnd, top, left, apply, canvas)
