@@ -390,11 +390,9 @@ def make_set(
     if not todo:
       continue
     t0 = time.perf_counter()
-    images = np.stack(
-      [transform(source[i]['image']) for i in real]
-      + [np.zeros_like(transform(source[0]['image']))] * (batch - len(real))
-    )
+    images = [transform(source[i]['image']) for i in real]
     pad = batch - len(real)
+    images = np.stack(images + [np.zeros_like(images[0])] * pad)
     lab = np.concatenate([attack_labels[real], np.zeros(pad, np.int32)])
 
     def place(x):

@@ -400,6 +400,8 @@ def evaluate(
     step_size, accuracy, correct, success_rate, success}},
     `all_or_nothing` {attacks, accuracy, correct} (None without attacks),
     `sanity` (`fdjax.sanity`; None when `eval.sanity` is False),
+    with `eval.adversarial_sets` also `attacks['set.NAME']` rows and
+    `adversarial_sets` {sets, all_or_nothing (clean and the sets only)},
     `files` {name: path} and `resumed_from` (examples already done).
 
   Raises:
