@@ -166,7 +166,16 @@ def test_make_set_layout_ball_and_kill_resume_byte_identical(
   monkeypatch.setattr(attack_set, 'write_png', original)
   assert len(pngs(tmp_path / 'b')) == 10
   assert not (tmp_path / 'b' / 'labels.csv').exists()  # Incomplete.
+  misses = attack_set._compiled_cached.cache_info().misses
   resumed = make(tmp_path / 'b')
+  # The same attack, models and mesh: the compiled attack is reused.
+  assert attack_set._compiled_cached.cache_info().misses == misses
+  fn = attack_set.compiled(
+    attack_set.attack_of(make_config('x').attack_set, 10),
+    (Linear(),),
+    parallel.make_mesh(),
+  )
+  assert fn._cache_size() == 1  # Traced once for all the batches of both.
   assert resumed['written'] == N - 10 and resumed['skipped'] == 10
   assert pngs(tmp_path / 'b') == a  # Byte-identical.
   assert not [f for f in os.listdir(tmp_path / 'b') if '.tmp' in f]
