@@ -6,12 +6,14 @@ The public face (implementation details live in the submodules):
   median, null) and their registry.
 - `fdjax.models`: `DenoisingBlock`, `ResNet`, `create_model`, `VARIANTS`.
 - `fdjax.attacks`: `pgd`, `fgsm`, `targeted_pgd`, `PGDAttack`,
-  `random_targets`, `from_config`.
+  `random_targets`, `from_config`; transfer attackers `transfer_attack`,
+  `TransferAttack`, `ensemble_logits_fn`.
 - `fdjax.convert`: `load_tensorpack` for the original released weights.
 - `fdjax.parallel`: meshes and `data_parallel` (shard_map or pmap).
 - The system around them: `fdjax.config_base` (defaults and checks),
   `fdjax.data`, `fdjax.preprocess`, `fdjax.input_pipeline`, `fdjax.train`,
-  `fdjax.evaluate`, `fdjax.sanity`, `fdjax.results`, `fdjax.predict`,
+  `fdjax.evaluate`, `fdjax.attack_set` (adversarial sets on disk),
+  `fdjax.sanity`, `fdjax.results`, `fdjax.predict`,
   `fdjax.plots`, `fdjax.checkpoints`, `fdjax.main`.
 """
 

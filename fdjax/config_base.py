@@ -133,6 +133,37 @@ def eval_config() -> ml_collections.ConfigDict:
       autoattack_target_classes=9,  # APGD-T and FAB-T targets.
       autoattack_queries=5000,  # Square's queries.
       autoattack_seed=0,
+      # Black-box scoring (fdjax.attack_set): directories of adversarial
+      # sets (--mode=attack outputs, or PNGs + labels.csv from other tools)
+      # of this eval split; accuracy per set and all-or-nothing with clean.
+      adversarial_sets=(),
+    )
+  )
+
+
+def attack_set_config() -> ml_collections.ConfigDict:
+  """`--mode=attack`: a transfer attack's adversarial set (fdjax.attack_set).
+
+  MI-FGSM by default; DI with `diversity_prob` > 0, TI with
+  `ti_kernel_size` > 1 (the papers: mu 1.0, p 0.5, kernel 15 at 299 px).
+  """
+  return ml_collections.ConfigDict(
+    dict(
+      out='',  # the set's directory (required).
+      name='',  # the set's name in tables; '' = basename of out.
+      sources=(),  # source workdirs; () = --workdir; several: logit ensemble.
+      epsilon=PAPER_EPSILON,
+      num_steps=10,  # step size epsilon / num_steps.
+      momentum=1.0,  # MI's decay mu; 0 = no momentum.
+      diversity_prob=0.0,  # DI's probability p; 0 = no DI.
+      diversity_scale=attacks.transfer.DIVERSITY_SCALE,  # DI's canvas/size.
+      ti_kernel_size=1,  # TI's odd kernel size; 1 = no TI.
+      ti_sigma=0.0,  # TI's std in pixels; 0 = (size - 1) / 6 (the authors').
+      targeted=False,  # random targets (never the true label).
+      loss='xent',  # 'xent' | 'margin'.
+      seed=0,  # targets and DI's draws.
+      global_batch_size=256,
+      num_examples=-1,  # -1: the whole eval split.
     )
   )
 
@@ -146,6 +177,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.attack = attack_config()
   config.train = train_config()
   config.eval = eval_config()
+  config.attack_set = attack_set_config()
   return config
 
 
@@ -292,6 +324,32 @@ def validate_train(tc: ml_collections.ConfigDict) -> None:
   _number('train.warmup_epochs', tc.warmup_epochs, 0.0)
 
 
+def validate_attack_set(c: ml_collections.ConfigDict) -> None:
+  """Checks `config.attack_set` (the output directory is checked by
+  `--mode=attack`, which needs it)."""
+  f = 'attack_set'
+  sources = c.sources
+  if isinstance(sources, str) or not all(
+    isinstance(d, str) and d for d in tuple(sources or ())
+  ):
+    _fail(f'{f}.sources', sources, 'a tuple of workdirs')
+  # The uint8 grid must meet every ball: 2 * 255 * epsilon >= 1.
+  _number(f'{f}.epsilon', c.epsilon, 0.5 / 255, 1.0)
+  _int(f'{f}.num_steps', c.num_steps, 1)
+  _number(f'{f}.momentum', c.momentum, 0.0)
+  _number(f'{f}.diversity_prob', c.diversity_prob, 0.0, 1.0)
+  _number(f'{f}.diversity_scale', c.diversity_scale, 1.0, low_open=True)
+  k = c.ti_kernel_size
+  if not _is_int(k) or k < 1 or k % 2 == 0:
+    _fail(f'{f}.ti_kernel_size', k, 'an odd integer >= 1')
+  _number(f'{f}.ti_sigma', c.ti_sigma, 0.0)
+  check_choice(f'{f}.loss', c.loss, attacks.LOSSES)
+  _int(f'{f}.seed', c.seed, 0)
+  _int(f'{f}.global_batch_size', c.global_batch_size, 1)
+  if c.num_examples != -1:
+    _int(f'{f}.num_examples', c.num_examples, 1)  # -1: the whole split.
+
+
 def check_steps(field: str, steps: Any) -> tuple[int, ...]:
   steps = tuple(steps or ())
   if not all(_is_int(s) and s >= 1 for s in steps):
@@ -360,6 +418,11 @@ def resolve_eval_config(
   for field in ('autoattack_steps', 'autoattack_target_classes'):
     _int(f'eval.{field}', c[field], 1)
   _int('eval.autoattack_queries', c.autoattack_queries, 1)
+  sets = c.adversarial_sets
+  if isinstance(sets, str) or not all(
+    isinstance(d, str) and d for d in tuple(sets or ())
+  ):
+    _fail('eval.adversarial_sets', sets, 'a tuple of directories')
   channels = tuple(c.figure_channels)
   if not all(_is_int(ch) and ch >= 0 for ch in channels):
     _fail(
@@ -419,6 +482,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   validate_attack(config.attack)
   validate_train(config.train)
   resolve_eval_config(config.eval)
+  if 'attack_set' in config:
+    validate_attack_set(config.attack_set)
 
 
 def make_smoke_run(config: ml_collections.ConfigDict) -> None:

@@ -15,7 +15,11 @@ r"""Robustness evaluation: the paper's table of clean and PGD accuracy.
   as robust only if it survives every restart (the targets stay the same);
 * an all-or-nothing row: an example counts only if it is classified
   correctly under every attack that was run (the CAAD rule);
-* sanity checks against gradient masking (`fdjax.sanity`).
+* sanity checks against gradient masking (`fdjax.sanity`);
+* black-box scoring: the accuracy on each adversarial set of
+  `config.eval.adversarial_sets` (`fdjax.attack_set`, checked against the
+  eval split before any work), as ``set.NAME`` rows; with sets, the
+  all-or-nothing row also requires the clean image and every set.
 
 Each attack kind is ONE jitted data-parallel function (all devices of all
 processes) whose epsilon, step size, step count and restart are traced, so
@@ -48,6 +52,7 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
+from fdjax import attack_set as adversarial_sets
 from fdjax import attacks
 from fdjax import autoattack_eval
 from fdjax import checkpoints
@@ -395,6 +400,8 @@ def evaluate(
     step_size, accuracy, correct, success_rate, success}},
     `all_or_nothing` {attacks, accuracy, correct} (None without attacks),
     `sanity` (`fdjax.sanity`; None when `eval.sanity` is False),
+    with `eval.adversarial_sets` also `attacks['set.NAME']` rows and
+    `adversarial_sets` {sets, all_or_nothing (clean and the sets only)},
     `files` {name: path} and `resumed_from` (examples already done).
 
   Raises:
@@ -431,6 +438,7 @@ def evaluate(
       'eval split; use -1 for all of them.'
     )
   attack_set = attack_list(ec)
+  sets = _read_adversarial_sets(ec, dc, source, total)
   variables = jax.tree.map(np.asarray, jax.device_get(variables))
   num_classes = _infer_num_classes(model, variables, dc.image_size)
   loss = ec.untargeted_loss
@@ -498,6 +506,12 @@ def evaluate(
     )
     if is_main:
       _add_autoattack(results, cols, aa)
+  if sets:
+    scored = adversarial_sets.score(
+      sets, functools.partial(_predict_global, runner), ec.global_batch_size
+    )
+    if is_main:
+      _add_adversarial_sets(results, cols, sets, scored)
   checks = None
   if ec.sanity:
     checks = _sanity(runner, ec, dc, source, cols, results, attack_set, total)
@@ -601,6 +615,59 @@ def _add_autoattack(results, cols, aa) -> None:
     'attacks': aon['attacks'] + ['autoattack'],
     'accuracy': float(np.mean(robust)) if len(robust) else float('nan'),
     'correct': int(np.sum(robust)),
+  }
+
+
+def _read_adversarial_sets(ec, dc, source, total):
+  """`eval.adversarial_sets`, checked against the first `total` examples."""
+  if not ec.adversarial_sets:
+    return []
+  labels = np.asarray([int(source[i]['label']) for i in range(total)])
+  fields = {k: dc.get(k) for k in ('name', 'eval_split', 'image_size')}
+  return adversarial_sets.read_sets(
+    tuple(ec.adversarial_sets), labels, dc.image_size, fields
+  )
+
+
+def _predict_global(runner, images):
+  """Predictions for a global batch that every process holds in full."""
+  local = len(images) // jax.process_count()
+  lo = jax.process_index() * local
+  x = jax.make_array_from_process_local_data(
+    runner.batch_sharding, images[lo : lo + local]
+  )
+  return _gather(runner.fns.predict(runner.variables, x))
+
+
+def _add_adversarial_sets(results, cols, sets, scored) -> None:
+  """The sets' rows and columns; all-or-nothing with clean and every set."""
+  names = [f'set.{s.name}' for s in sets]
+  for s, name in zip(sets, names):
+    for k, v in scored[s.name].items():
+      cols[f'{name}.{k}'] = v
+  results['attacks'].update(adversarial_sets.table_columns(sets, scored))
+  clean = cols['clean_correct'].astype(bool)
+  blackbox = clean.copy()
+  for name in names:
+    blackbox &= cols[f'{name}.correct']
+  robust = blackbox.copy()
+  previous = (results.get('all_or_nothing') or {}).get('attacks', [])
+  for name in previous:
+    if name == 'autoattack':
+      robust &= cols['autoattack.broken_by'] == -1
+    elif name != 'clean':
+      robust &= cols[f'{name}.correct'].astype(bool)
+  results['all_or_nothing'] = {
+    'attacks': ['clean'] + [n for n in previous if n != 'clean'] + names,
+    'accuracy': float(np.mean(robust)),
+    'correct': int(np.sum(robust)),
+  }
+  results['adversarial_sets'] = {
+    'sets': names,
+    'all_or_nothing': {
+      'accuracy': float(np.mean(blackbox)),
+      'correct': int(np.sum(blackbox)),
+    },
   }
 
 

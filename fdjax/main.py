@@ -5,6 +5,8 @@ r"""fdjax's entry point: train, evaluate or predict from a config.
       --workdir=gs://bucket/r152d --config.train.global_batch_size=1024
   python -m fdjax.main --mode=eval --config=configs/imagenet.py:r152_denoise \
       --workdir=/tmp/r152_denoise   # e.g. a `fdjax.convert` output
+  python -m fdjax.main --mode=attack --config=configs/default.py:blackbox \
+      --workdir=/tmp/source_model --config.attack_set.out=/tmp/sets/mi_fgsm
   python -m fdjax.main --mode=predict --config=configs/imagenet.py:r152 \
       --workdir=/tmp/r152 --image_dir=imgs/ --output_csv=predictions.csv
 
@@ -23,6 +25,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from fdjax import attack_set
 from fdjax import evaluate
 from fdjax import predict
 from fdjax import results
@@ -39,9 +42,10 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
 flags.DEFINE_enum(
   'mode',
   'train',
-  ['train', 'eval', 'predict'],
-  'train (then evaluate), eval (a workdir/checkpoint) or predict (a '
-  'directory of images to a CSV).',
+  ['train', 'eval', 'predict', 'attack'],
+  'train (then evaluate), eval (a workdir/checkpoint), predict (a '
+  'directory of images to a CSV) or attack (an adversarial set of the eval '
+  'split, config.attack_set, from the workdir model; fdjax.attack_set).',
 )
 flags.DEFINE_string('image_dir', None, '--mode=predict: images to classify.')
 flags.DEFINE_string('output_csv', None, '--mode=predict: the CSV to write.')
@@ -122,6 +126,13 @@ def main(argv):
       print(results.format_table(out))
       for name, path in sorted(out.get('files', {}).items()):
         print(f'{name}: {path}')
+  elif FLAGS.mode == 'attack':
+    out = attack_set.make_set(config, FLAGS.workdir)
+    if jax.process_index() == 0:
+      print(
+        f'{out["method"]}: wrote {out["written"]} images ({out["skipped"]} '
+        f'already there) to {out["directory"]}'
+      )
   else:
     if not FLAGS.image_dir or not FLAGS.output_csv:
       raise app.UsageError('--mode=predict needs --image_dir and --output_csv')

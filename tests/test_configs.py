@@ -24,6 +24,7 @@ def _variants():
   imagenet = sorted(models.VARIANTS)
   yield 'default', None
   yield 'default', 'small'
+  yield 'default', 'blackbox'
   for arg in (None, 'small', 'targeted', 'small,targeted'):
     yield 'cifar10', arg
   for variant in imagenet:

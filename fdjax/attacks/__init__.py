@@ -10,6 +10,10 @@
   `fdjax.attacks.fab` (`fab.fab`, `fab_targeted`), `fdjax.attacks.square`
   (`square.square`), and the ensemble `AutoAttack` / `autoattack`
   (`fdjax.attacks.ensemble`).
+- Transfer (black-box) attackers (`fdjax.attacks.transfer`):
+  `transfer_attack` (MI-, DI-, TI-FGSM and their combinations),
+  `TransferAttack`, and logit ensembles of source models
+  (`ensemble_logits_fn`, `ensemble_apply`).
 - The ball geometry every attack shares: `fdjax.attacks.ball`.
 """
 
@@ -34,6 +38,10 @@ from fdjax.attacks.paper import clean_start_coin
 from fdjax.attacks.paper import paper_step_size
 from fdjax.attacks.paper import random_targets
 from fdjax.attacks.paper import targeted_pgd
+from fdjax.attacks.transfer import TransferAttack
+from fdjax.attacks.transfer import ensemble_apply
+from fdjax.attacks.transfer import ensemble_logits_fn
+from fdjax.attacks.transfer import transfer_attack
 
 __all__ = (
   'AutoAttack',
@@ -57,4 +65,8 @@ __all__ = (
   'pgd',
   'random_targets',
   'targeted_pgd',
+  'TransferAttack',
+  'ensemble_apply',
+  'ensemble_logits_fn',
+  'transfer_attack',
 )
