@@ -16,6 +16,11 @@ import numpy as np
 from PIL import Image
 
 RESIZE_METHODS = ('nearest', 'bilinear', 'bicubic')
+# ImageNet eval resize: PIL's bicubic (antialiased: its kernel widens with
+# the downscale factor) or OpenCV's cv2.INTER_CUBIC (fixed 4-tap kernel,
+# A = -0.75), which the original used; 'cv2' is an exact numpy
+# reimplementation of the latter (docs/data.md), OpenCV is not needed.
+EVAL_RESIZES = ('pil', 'cv2')
 _PIL_RESAMPLE = {
   'nearest': Image.Resampling.NEAREST,
   'bilinear': Image.Resampling.BILINEAR,
@@ -240,8 +245,75 @@ def _imagenet_train(
   return np.clip(out, 0.0, 255.0) / np.float32(255.0)
 
 
+def _cv2_cubic_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
+  """OpenCV's INTER_CUBIC taps along one axis: indices [dst, 4], int weights.
+
+  As imgproc/src/resize.cpp: source coordinate ``(d + 0.5) * scale - 0.5``
+  in float32, Keys' cubic with A = -0.75 in float32, weights rounded to
+  multiples of 1/2048 (int16), indices clamped (border replicate).
+  """
+  scale = 1.0 / (dst / src)
+  fx = ((np.arange(dst) + 0.5) * scale - 0.5).astype(np.float32)
+  sx = np.floor(fx)
+  x = fx - sx
+  a, one = np.float32(-0.75), np.float32(1)
+  x1 = x + one
+  c0 = ((a * x1 - 5 * a) * x1 + 8 * a) * x1 - 4 * a
+  c1 = ((a + 2) * x - (a + 3)) * x * x + one
+  c2 = ((a + 2) * (one - x) - (a + 3)) * (one - x) * (one - x) + one
+  c3 = one - c0 - c1 - c2
+  coeffs = np.stack([c0, c1, c2, c3], axis=-1).astype(np.float32)
+  weights = np.rint(coeffs * np.float32(2048)).astype(np.int64)
+  index = sx.astype(np.int64)[:, None] + np.arange(-1, 3)
+  return np.clip(index, 0, src - 1), weights
+
+
+def resize_cv2_bicubic(
+  image: np.ndarray, width: int, height: int
+) -> np.ndarray:
+  """``cv2.resize(image, (width, height), interpolation=cv2.INTER_CUBIC)``.
+
+  An exact numpy reimplementation of OpenCV's uint8 path as its portable
+  build runs it (``cv2.setUseOptimized(False)``): rows first with integer
+  weights in 1/2048, then columns with OpenCV's 128-bit vector loop in
+  float32 (``((S3*b3 + S2*b2) + S1*b1) + S0*b0``, rounded half to even) and
+  its scalar fixed-point loop (shift by 22) for the last ``W*C mod 8``
+  values of each row. Checked against cv2 in tests/test_sources.py. With
+  OpenCV's optimised paths (IPP, AVX2; on by default) a few percent of the
+  pixels come out one level apart (docs/data.md).
+
+  Args:
+    image: uint8 ``[H, W, C]``.
+    width, height: the output size.
+
+  Returns:
+    uint8 ``[height, width, C]``.
+  """
+  if image.shape[:2] == (height, width):
+    return image.copy()
+  channels = image.shape[2]
+  xi, xw = _cv2_cubic_taps(image.shape[1], width)
+  yi, yw = _cv2_cubic_taps(image.shape[0], height)
+  rows = np.einsum('hwkc,wk->hwc', image[:, xi].astype(np.int64), xw)
+  rows = rows.reshape(rows.shape[0], -1)[yi]  # [height, 4, width * C]
+  n = (width * channels) // 8 * 8
+  beta = yw.astype(np.float32) * np.float32(1 / (2048 * 2048))
+  vec = rows[:, 3, :n].astype(np.float32) * beta[:, 3:4]
+  for k in (2, 1, 0):
+    vec += rows[:, k, :n].astype(np.float32) * beta[:, k : k + 1]
+  tail = np.einsum('hkw,hk->hw', rows[:, :, n:], yw)
+  out = np.concatenate([np.rint(vec), (tail + (1 << 21)) >> 22], axis=1)
+  out = np.clip(out, 0, 255).astype(np.uint8)
+  return out.reshape(height, width, channels)
+
+
 def _imagenet_eval(
-  image: np.ndarray, *, size: int, crop_fraction: float, dtype: np.dtype
+  image: np.ndarray,
+  *,
+  size: int,
+  crop_fraction: float,
+  dtype: np.dtype,
+  resize: str = 'pil',
 ) -> np.ndarray:
   """Resizes the shorter side to size / crop_fraction, then centre-crops."""
   image = _as_rgb(image)
@@ -252,9 +324,14 @@ def _imagenet_eval(
   scale = short / min(h, w)
   new_w = max(size, int(round(w * scale)))
   new_h = max(size, int(round(h * scale)))
-  pil = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
+  if resize == 'cv2':
+    resized = resize_cv2_bicubic(image, new_w, new_h)
+  else:
+    resized = np.asarray(
+      Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
+    )
   top, left = (new_h - size) // 2, (new_w - size) // 2
-  out = np.asarray(pil)[top : top + size, left : left + size]
+  out = resized[top : top + size, left : left + size]
   return _from_uint8(np.ascontiguousarray(out), dtype)
 
 
@@ -312,6 +389,7 @@ def eval_fn(c: ml_collections.ConfigDict) -> Callable[..., np.ndarray]:
       size=c.image_size,
       crop_fraction=c.eval_crop_fraction,
       dtype=dtype,
+      resize=c.get('eval_resize', 'pil'),
     )
   else:
     fn = functools.partial(
