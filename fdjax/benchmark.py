@@ -14,6 +14,11 @@ prints one table per mode:
 * ``denoise``: forward + gradient of every op of `fdjax.denoise` at the
   paper's ResNet feature-map sizes (56x56x256, 28x28x512, 14x14x1024,
   7x7x2048).
+* ``input``: the input pipeline (`fdjax.input_benchmark`): per-stage cost
+  of the ImageNet augmentation, images/s of the train and eval pipelines on
+  image folders (``--input_folder``, default a generated JPEG tree) and tfds
+  (``--input_tfds``) with threads and 1 or 2 worker processes, and the share
+  of the quickstart's training loop spent waiting for input.
 
   python -m fdjax.benchmark                       # PGD, ResNet-50 and
                                                   # ResNet-152 + 4 blocks
@@ -75,12 +80,13 @@ import jax.numpy as jnp
 from fdjax import attacks
 from fdjax import config_base
 from fdjax import denoise
+from fdjax import input_benchmark
 from fdjax import layers
 from fdjax import models
 from fdjax import parallel
 from fdjax import train
 
-MODES = ('pgd', 'train', 'denoise', 'all')
+MODES = ('pgd', 'train', 'denoise', 'all', 'input')
 FEATURE_MAPS = ((56, 256), (28, 512), (14, 1024), (7, 2048))
 """The paper's ResNet feature maps (side, channels) at 224x224 input."""
 
@@ -539,12 +545,30 @@ def _define_flags() -> None:
     'denoise_batch', None, 'Batch of the denoise op timings (--batch if unset).'
   )
   flags.DEFINE_string('json_out', None, 'Also write the rows to this file.')
+  flags.DEFINE_string(
+    'input_folder', None, '--mode=input: an image-folder tree (ROOT/train).'
+  )
+  flags.DEFINE_string(
+    'input_tfds', None, '--mode=input: a tfds data_dir with imagenet2012.'
+  )
+  flags.DEFINE_integer('input_batches', 8, '--mode=input: batches timed.')
+  flags.DEFINE_integer('input_batch', 32, '--mode=input: images per batch.')
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
   flag_values = flags.FLAGS
   mode = flag_values.mode
+  if mode == 'input':
+    print(
+      input_benchmark.run(
+        flag_values.input_folder,
+        flag_values.input_tfds,
+        flag_values.input_batch,
+        flag_values.input_batches,
+      )
+    )
+    return
   modes = ('pgd', 'train', 'denoise') if mode == 'all' else (mode,)
   sizes = [int(s) for s in flag_values.sizes]
   for name in flag_values.models:

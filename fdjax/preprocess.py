@@ -269,7 +269,10 @@ def _cv2_cubic_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def resize_cv2_bicubic(
-  image: np.ndarray, width: int, height: int
+  image: np.ndarray,
+  width: int,
+  height: int,
+  crop: tuple[int, int, int, int] | None = None,
 ) -> np.ndarray:
   """``cv2.resize(image, (width, height), interpolation=cv2.INTER_CUBIC)``.
 
@@ -278,33 +281,48 @@ def resize_cv2_bicubic(
   weights in 1/2048, then columns with OpenCV's 128-bit vector loop in
   float32 (``((S3*b3 + S2*b2) + S1*b1) + S0*b0``, rounded half to even) and
   its scalar fixed-point loop (shift by 22) for the last ``W*C mod 8``
-  values of each row. Checked against cv2 in tests/test_sources.py. With
-  OpenCV's optimised paths (IPP, AVX2; on by default) a few percent of the
-  pixels come out one level apart (docs/data.md).
+  values of each row. The integer sums are exact in float32 (below 2**24).
+  Checked against cv2 in tests/test_sources.py. With OpenCV's optimised
+  paths (IPP, AVX2; on by default) a few percent of the values come out one
+  level apart (docs/data.md).
 
   Args:
     image: uint8 ``[H, W, C]``.
     width, height: the output size.
+    crop: ``(top, left, crop_height, crop_width)``: compute only this window
+      of the output (each output pixel depends only on its own taps).
 
   Returns:
-    uint8 ``[height, width, C]``.
+    uint8 ``[height, width, C]``, or the crop window of it.
   """
-  if image.shape[:2] == (height, width):
-    return image.copy()
   channels = image.shape[2]
+  top, left, out_h, out_w = crop or (0, 0, height, width)
+  if image.shape[:2] == (height, width):
+    return image[top : top + out_h, left : left + out_w].copy()
   xi, xw = _cv2_cubic_taps(image.shape[1], width)
   yi, yw = _cv2_cubic_taps(image.shape[0], height)
-  rows = np.einsum('hwkc,wk->hwc', image[:, xi].astype(np.int64), xw)
-  rows = rows.reshape(rows.shape[0], -1)[yi]  # [height, 4, width * C]
-  n = (width * channels) // 8 * 8
+  xi, xw = xi[left : left + out_w], xw[left : left + out_w]
+  yi, yw = yi[top : top + out_h], yw[top : top + out_h]
+  src = image.astype(np.float32)
+  weights = xw.astype(np.float32)[:, :, None]
+  rows = src[:, xi[:, 0]] * weights[:, 0]
+  for k in (1, 2, 3):
+    rows += src[:, xi[:, k]] * weights[:, k]
+  rows = rows.reshape(rows.shape[0], -1)  # [H, out_w * C], exact integers
   beta = yw.astype(np.float32) * np.float32(1 / (2048 * 2048))
-  vec = rows[:, 3, :n].astype(np.float32) * beta[:, 3:4]
+  out = rows[yi[:, 3]] * beta[:, 3:4]
   for k in (2, 1, 0):
-    vec += rows[:, k, :n].astype(np.float32) * beta[:, k : k + 1]
-  tail = np.einsum('hkw,hk->hw', rows[:, :, n:], yw)
-  out = np.concatenate([np.rint(vec), (tail + (1 << 21)) >> 22], axis=1)
+    out += rows[yi[:, k]] * beta[:, k : k + 1]
+  out = np.rint(out)
+  # Values past the last full 8-wide vector of an output row: fixed point.
+  column = (left + np.arange(out_w))[:, None] * channels + np.arange(channels)
+  tail = np.flatnonzero(column.reshape(-1) >= width * channels // 8 * 8)
+  if tail.size:
+    taps = rows[:, tail].astype(np.int64)[yi]  # [out_h, 4, tail]
+    fixed = np.einsum('hkw,hk->hw', taps, yw)
+    out[:, tail] = (fixed + (1 << 21)) >> 22
   out = np.clip(out, 0, 255).astype(np.uint8)
-  return out.reshape(height, width, channels)
+  return out.reshape(out_h, out_w, channels)
 
 
 def _imagenet_eval(
@@ -324,14 +342,14 @@ def _imagenet_eval(
   scale = short / min(h, w)
   new_w = max(size, int(round(w * scale)))
   new_h = max(size, int(round(h * scale)))
-  if resize == 'cv2':
-    resized = resize_cv2_bicubic(image, new_w, new_h)
-  else:
-    resized = np.asarray(
-      Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
-    )
   top, left = (new_h - size) // 2, (new_w - size) // 2
-  out = resized[top : top + size, left : left + size]
+  if resize == 'cv2':
+    out = resize_cv2_bicubic(image, new_w, new_h, (top, left, size, size))
+  else:
+    resized = Image.fromarray(image).resize(
+      (new_w, new_h), Image.Resampling.BICUBIC
+    )
+    out = np.asarray(resized)[top : top + size, left : left + size]
   return _from_uint8(np.ascontiguousarray(out), dtype)
 
 

@@ -326,12 +326,19 @@ class FolderSource:
     return f'FolderSource({self._root!r}, {self._split!r}, n={len(self)})'
 
 
-def log_class_count(source: FolderSource, num_classes: int) -> None:
-  if len(source.classes) != num_classes:
+@functools.cache
+def _warn_class_count(root: str, found: int, num_classes: int) -> None:
+  if found != num_classes:
     logging.warning(
-      'Image folders: %d classes, not %d: labels are positions among these '
-      '%d sorted folders (not the full dataset order).',
-      len(source.classes),
+      'Image folders in %s: %d classes, not %d: labels are positions among '
+      'these %d sorted folders (not the full dataset order).',
+      root,
+      found,
       num_classes,
-      len(source.classes),
+      found,
     )
+
+
+def log_class_count(source: FolderSource, num_classes: int) -> None:
+  """Warns (once per tree) when the tree has not ``num_classes`` classes."""
+  _warn_class_count(source._root, len(source.classes), num_classes)

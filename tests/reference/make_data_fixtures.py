@@ -25,6 +25,7 @@ flower.jpg), under tests/data/real/:
   skipped.
 """
 
+import argparse
 import io
 import os
 import shutil
@@ -148,6 +149,19 @@ def _imagenet_manual_dir(folders, manual):
         t.add(os.path.join(val, wnid, name), arcname=name)
 
 
+def build_imagenet_tfds(imagenet_dir, data_dir):
+  with tempfile.TemporaryDirectory() as manual:
+    _imagenet_manual_dir(imagenet_dir, manual)
+    builder = tfds.builder(
+      'imagenet2012', data_dir=data_dir, file_format='array_record'
+    )
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+        manual_dir=manual, compute_stats=tfds.download.ComputeStatsMode.SKIP
+      )
+    )
+
+
 def build_tfds(cifar_dir, imagenet_dir):
   data_dir = os.path.join(OUT, 'tfds')
   shutil.rmtree(data_dir, ignore_errors=True)
@@ -167,20 +181,18 @@ def build_tfds(cifar_dir, imagenet_dir):
     builder.download_and_prepare(download_config=config)
   finally:
     tfds.download.DownloadManager.download_and_extract = original
-  with tempfile.TemporaryDirectory() as manual:
-    _imagenet_manual_dir(imagenet_dir, manual)
-    builder = tfds.builder(
-      'imagenet2012', data_dir=data_dir, file_format='array_record'
-    )
-    builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(
-        manual_dir=manual, compute_stats=tfds.download.ComputeStatsMode.SKIP
-      )
-    )
+  build_imagenet_tfds(imagenet_dir, data_dir)
   shutil.rmtree(os.path.join(data_dir, 'downloads'), ignore_errors=True)
 
 
 def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--bench_tree')
+  parser.add_argument('--bench_out')
+  args = parser.parse_args()
+  if args.bench_tree:
+    build_imagenet_tfds(args.bench_tree, args.bench_out)
+    return
   rng = np.random.default_rng(0)
   photos = _photos()
   cifar_dir = write_cifar_binary(photos, rng)
