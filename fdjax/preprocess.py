@@ -198,7 +198,8 @@ def _color_jitter(
     if op == 0:  # Brightness: scale towards black.
       image = image * alpha
     elif op == 1:  # Contrast: blend with the mean grey level.
-      grey_mean = np.float32((image @ _LUMA.astype(np.float32)).mean())
+      # The mean grey level = the luma of the mean colour (one reduction).
+      grey_mean = np.float32(image.reshape(-1, 3).mean(axis=0) @ _LUMA)
       image = image * alpha + grey_mean * (1 - alpha)
     else:  # Saturation: blend with each pixel's grey level.
       grey = (image @ _LUMA.astype(np.float32))[:, :, None]
