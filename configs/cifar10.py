@@ -3,8 +3,10 @@ r"""CIFAR-10: adversarial training of a ResNet with denoising blocks.
   python -m fdjax.main --config=configs/cifar10.py --workdir=DIR \
       --config.data.data_dir=TFDS_DIR
 
-CIFAR-10 must be prepared for tfds in ArrayRecord format in data_dir (see
-README.md). The attack is the usual CIFAR-10 setting, L-inf epsilon 8/255
+data_dir holds CIFAR-10 prepared for tfds in ArrayRecord format, or, with
+--config.data.source=cifar_binary, the official binary archive
+(cifar-10-binary.tar.gz or its cifar-10-batches-bin/; docs/data.md). The
+attack is the usual CIFAR-10 setting, L-inf epsilon 8/255
 (the paper's recipe is ImageNet-only; its users asked for a CIFAR-10 one):
 10-step PGD with step 2/255, untargeted by default (`:targeted` uses the
 paper's random-target protocol). A ResNet-50 with a cifar stem and 4

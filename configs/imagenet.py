@@ -31,8 +31,11 @@ size), instead of the paper's targeted PGD at 16/255. Training is the
 paper's recipe either way.
 
 The paper trained with 30-step PGD on 128 V100s (batch 4096) for 110 epochs:
-about 52 h for R152 and 90 h for R152-Denoise. ImageNet must be prepared for
-tfds in ArrayRecord format in --config.data.data_dir (see README.md).
+about 52 h for R152 and 90 h for R152-Denoise. --config.data.data_dir holds
+ImageNet prepared for tfds in ArrayRecord format, or, with
+--config.data.source=folder, the JPEG tree train/WNID/*.JPEG, val/WNID/*
+(docs/data.md). Evaluation resizes with OpenCV's bicubic as the original
+(data.eval_resize='cv2', the released models' preprocessing).
 """
 
 from fdjax import config_base

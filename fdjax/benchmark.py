@@ -28,6 +28,12 @@ prints one table per mode:
     python -m fdjax.benchmark --mode=autoattack \
         --aa_reference_python=/tmp/aa_ref/bin/python
 
+* ``input``: the input pipeline (`fdjax.input_benchmark`): per-stage cost
+  of the ImageNet augmentation, images/s of the train and eval pipelines on
+  image folders (``--input_folder``, default a generated JPEG tree) and tfds
+  (``--input_tfds``) with threads and 1 or 2 worker processes, and the share
+  of the quickstart's training loop spent waiting for input.
+
   python -m fdjax.benchmark                       # PGD, ResNet-50 and
                                                   # ResNet-152 + 4 blocks
   python -m fdjax.benchmark --models=r50,r152_denoise --sizes=64,224 \
@@ -92,12 +98,13 @@ import numpy as np
 from fdjax import attacks
 from fdjax import config_base
 from fdjax import denoise
+from fdjax import input_benchmark
 from fdjax import layers
 from fdjax import models
 from fdjax import parallel
 from fdjax import train
 
-MODES = ('pgd', 'train', 'denoise', 'autoattack', 'all')
+MODES = ('pgd', 'train', 'denoise', 'autoattack', 'all', 'input')
 FEATURE_MAPS = ((56, 256), (28, 512), (14, 1024), (7, 2048))
 """The paper's ResNet feature maps (side, channels) at 224x224 input."""
 
@@ -748,12 +755,30 @@ def _define_flags() -> None:
     ['16', '64', '128', '256'],
     'autoattack mode: point counts of the cost-growth table.',
   )
+  flags.DEFINE_string(
+    'input_folder', None, '--mode=input: an image-folder tree (ROOT/train).'
+  )
+  flags.DEFINE_string(
+    'input_tfds', None, '--mode=input: a tfds data_dir with imagenet2012.'
+  )
+  flags.DEFINE_integer('input_batches', 8, '--mode=input: batches timed.')
+  flags.DEFINE_integer('input_batch', 32, '--mode=input: images per batch.')
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
   flag_values = flags.FLAGS
   mode = flag_values.mode
+  if mode == 'input':
+    print(
+      input_benchmark.run(
+        flag_values.input_folder,
+        flag_values.input_tfds,
+        flag_values.input_batch,
+        flag_values.input_batches,
+      )
+    )
+    return
   modes = ('pgd', 'train', 'denoise') if mode == 'all' else (mode,)
   if mode == 'autoattack':
     print(

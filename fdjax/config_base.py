@@ -243,6 +243,16 @@ def validate_data(dc: ml_collections.ConfigDict) -> None:
     ValueError: the first invalid field, its value and what is valid.
   """
   check_choice('data.name', dc.name, data.DATASETS)
+  check_choice('data.source', data.source_kind(dc), data.SOURCES[dc.name])
+  check_choice(
+    'data.corrupt_images',
+    dc.get('corrupt_images', 'raise'),
+    data.CORRUPT_IMAGES,
+  )
+  check_choice(
+    'data.eval_resize', dc.get('eval_resize', 'pil'), preprocess.EVAL_RESIZES
+  )
+  _int('data.worker_processes', dc.get('worker_processes', 0), 0)
   check_choice('data.image_dtype', dc.image_dtype, data.IMAGE_DTYPES)
   check_choice(
     'data.resize_method', dc.resize_method, preprocess.RESIZE_METHODS

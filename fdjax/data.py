@@ -3,9 +3,11 @@
 A *source* is random access: ``len(source)`` and ``source[i] -> {'image':
 HWC array, 'label': int}``. ``ArraySource`` holds arrays in memory;
 tensorflow-datasets ``data_source`` objects (ArrayRecord files, readable
-without TensorFlow) are used as they are. The datasets (``digits``, embedded
-in scikit-learn; ``cifar10`` and ``imagenet2012`` from tfds), their splits,
-label orders and config fields are described in docs/data.md.
+without TensorFlow) are used as they are; ``fdjax.sources`` reads the
+CIFAR-10 binary archive and ImageNet-style image folders. The datasets
+(``digits``, embedded in scikit-learn; ``cifar10`` and ``imagenet2012``), the
+forms each is read from (``config.data.source``), their splits, label orders
+and config fields are described in docs/data.md.
 """
 
 from collections.abc import Sequence
@@ -18,12 +20,22 @@ import ml_collections
 import numpy as np
 
 from fdjax import preprocess
+from fdjax import sources
 
 Batch = dict[str, np.ndarray]
 Example = dict[str, Any]
 DATASETS = ('digits', 'cifar10', 'imagenet2012')
 IMAGE_DTYPES = ('float32', 'uint8')
 _NUM_CLASSES = {'digits': 10, 'cifar10': 10, 'imagenet2012': 1000}
+# config.data.source: the forms each dataset is read from (the first is the
+# default): scikit-learn's bundled digits, a prepared tfds dataset, the
+# official CIFAR-10 binary archive, or image folders (docs/data.md).
+SOURCES = {
+  'digits': ('sklearn',),
+  'cifar10': ('tfds', 'cifar_binary'),
+  'imagenet2012': ('tfds', 'folder'),
+}
+CORRUPT_IMAGES = ('raise', 'skip')
 
 # Split sizes used when a tfds dataset is not prepared locally (dataset_info
 # must work before the data exists, e.g. to size a learning-rate schedule).
@@ -131,6 +143,7 @@ def default_data_config(name: str = 'digits') -> ml_collections.ConfigDict:
     )
   c = ml_collections.ConfigDict()
   c.name = name
+  c.source = SOURCES[name][0]
   c.data_dir = ''
   c.train_split = 'train'
   c.eval_split = 'validation' if name == 'imagenet2012' else 'test'
@@ -144,7 +157,10 @@ def default_data_config(name: str = 'digits') -> ml_collections.ConfigDict:
   c.color_jitter = 0.4
   c.lighting_std = 0.1
   c.eval_crop_fraction = 224 / 256
+  c.eval_resize = 'cv2' if name == 'imagenet2012' else 'pil'
+  c.corrupt_images = 'raise'
   c.num_workers = 16 if name == 'imagenet2012' else 2
+  c.worker_processes = 0
   c.prefetch = 4 if name == 'imagenet2012' else 2
   return c
 
@@ -168,11 +184,14 @@ def image_dtype(data_config: ml_collections.ConfigDict) -> np.dtype:
 
 
 def dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
-  """Returns class count, image shape and split sizes without reading data.
+  """Returns class count, image shape and split sizes without decoding data.
 
   For tfds datasets the split sizes come from the prepared dataset's metadata
   in ``data_dir`` when present (so sliced splits such as ``'train[:10%]'``
-  work), otherwise from the published sizes of the standard splits.
+  work), otherwise from the published sizes of the standard splits. The
+  CIFAR-10 binary and image-folder sources count their records / files
+  (listing the folders once; a missing or malformed ``data_dir`` fails here,
+  before any work).
 
   Args:
     data_config: the data config.
@@ -183,6 +202,8 @@ def dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
   Raises:
     ValueError: for invalid config values, or a non-standard split of a tfds
       dataset that is not prepared in ``data_dir``.
+    FileNotFoundError: a CIFAR-10 binary or image-folder ``data_dir`` that
+      lacks the expected files.
 
   Examples:
     >>> dataset_info(default_data_config('digits'))
@@ -192,8 +213,18 @@ def dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
   name = data_config.name
   size = data_config.image_size
   splits = (data_config.train_split, data_config.eval_split)
+  kind = source_kind(data_config)
   if name == 'digits':
     sizes = [_KNOWN_SPLIT_SIZES['digits'][s] for s in splits]
+  elif kind != 'tfds':
+    sizes = []
+    for split in splits:
+      try:
+        sizes.append(len(get_source(data_config, split)))
+      except FileNotFoundError:
+        if split != data_config.train_split:
+          raise
+        sizes.append(0)  # Eval-only trees may lack the training split.
   else:
     builder = _tfds_builder(data_config)
     sizes = []
@@ -216,25 +247,38 @@ def dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
   )
 
 
+def source_kind(data_config: ml_collections.ConfigDict) -> str:
+  """``data_config.source`` (``SOURCES[name][0]`` when the field is absent)."""
+  return data_config.get('source', SOURCES[data_config.name][0])
+
+
 def get_source(data_config: ml_collections.ConfigDict, split: str) -> Source:
   """Builds the random-access source of one split of the configured dataset.
 
   Args:
-    data_config: the data config (``name``, ``data_dir``, ``image_size``,
-      ``resize_method`` are used).
+    data_config: the data config (``name``, ``source``, ``data_dir``,
+      ``image_size``, ``resize_method`` are used).
     split: a split name, e.g. ``data_config.train_split``.
 
   Returns:
     A random-access source of ``{'image', 'label', ...}`` dicts.
 
   Raises:
-    ValueError: for an unknown dataset name or split.
-    FileNotFoundError: if a tfds dataset is not prepared in ``data_dir``.
+    ValueError: for an unknown dataset name, source or split, or a malformed
+      ``data_dir``.
+    FileNotFoundError: if the data is not in ``data_dir`` (a tfds dataset
+      not prepared there, missing CIFAR-10 binaries or split folders).
 
   Examples:
     >>> len(get_source(default_data_config('digits'), 'test'))
     297
   """
+  kind = source_kind(data_config)
+  if kind not in SOURCES.get(data_config.name, ()):
+    raise ValueError(
+      f'data.source={kind!r} is not valid for data.name='
+      f'{data_config.name!r}; valid: {list(SOURCES[data_config.name])}.'
+    )
   if data_config.name == 'digits':
     valid = list(_KNOWN_SPLIT_SIZES['digits'])
     if split not in valid:
@@ -243,13 +287,25 @@ def get_source(data_config: ml_collections.ConfigDict, split: str) -> Source:
       split, data_config.image_size, data_config.resize_method
     )
     return ArraySource(images, labels)
+  if kind in ('cifar_binary', 'folder') and not data_config.data_dir:
+    raise ValueError(
+      f"data.data_dir='' is not valid for data.source={kind!r}; valid: the "
+      'path of the data (docs/data.md).'
+    )
+  if kind == 'cifar_binary':
+    return sources.CifarBinarySource(data_config.data_dir, split)
+  if kind == 'folder':
+    source = sources.FolderSource(data_config.data_dir, split)
+    sources.log_class_count(source, _NUM_CLASSES[data_config.name])
+    return source
   builder = _tfds_builder(data_config)
   if not builder.is_prepared():
     raise FileNotFoundError(
       f'{data_config.name} is not prepared in data_dir='
       f'{data_config.data_dir!r} (looked in {builder.data_dir}). Prepare it '
       f'once with: tfds build {data_config.name} --data_dir=DATA_DIR '
-      '--file_format=array_record (see docs/data.md).'
+      '--file_format=array_record (see docs/data.md), or read it in another '
+      f'form: data.source in {list(SOURCES[data_config.name][1:])}.'
     )
   return builder.as_data_source(split=split)
 

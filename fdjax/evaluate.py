@@ -460,6 +460,7 @@ def evaluate(
         'image_dtype',
         'resize_method',
         'eval_crop_fraction',
+        'eval_resize',
       )
     },
     'split_size': split_size,

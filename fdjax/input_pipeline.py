@@ -14,6 +14,7 @@ batch layout (``image``, ``label``, ``index``, ``mask``) is in docs/data.md.
 from collections.abc import Iterator
 import math
 
+from absl import flags
 from absl import logging
 import grain
 import jax
@@ -23,6 +24,7 @@ import numpy as np
 from fdjax import config_base
 from fdjax import data
 from fdjax import preprocess
+from fdjax import sources
 
 
 def create_train_iter(
@@ -90,7 +92,12 @@ def create_train_iter(
     else preprocess.eval_fn(data_config)
   )
 
-  def make_example(position: int, example: data.Example) -> data.Example:
+  skip = data_config.get('corrupt_images', 'raise') == 'skip'
+
+  def make_example(position: int, index: int) -> data.Example:
+    # Reading here (not in a source dataset) lets a corrupt file be skipped:
+    # the next readable example of the source takes its place, label and all.
+    example = _read(source, index, skip)
     rng = np.random.default_rng((seed, position))
     return {
       'image': transform(example['image'], rng),
@@ -98,7 +105,7 @@ def create_train_iter(
       'index': np.int64(position),
     }
 
-  ds = grain.MapDataset.source(source)
+  ds = grain.MapDataset.range(len(source))
   ds = ds.shuffle(seed=_shuffle_seed(seed)).repeat()
   ds = ds.map_with_index(make_example)
   # Chunk c of local_batch stream positions; global batch k is chunks
@@ -254,6 +261,19 @@ def _check_processes(
   return int(process_index), int(process_count)
 
 
+def _read(source: data.Source, index: int, skip: bool) -> data.Example:
+  """``source[index]``; with ``skip``, the next readable one past a corrupt
+  image file (``fdjax.sources.CorruptImageError``, logged with its path)."""
+  for offset in range(len(source)):
+    try:
+      return source[(index + offset) % len(source)]
+    except sources.CorruptImageError as e:
+      if not skip:
+        raise
+      logging.warning('Skipping a corrupt image: %s', e.path)
+  raise ValueError(f'no readable image in the {len(source)} of {source!r}.')
+
+
 def _shuffle_seed(seed: int) -> int:
   # grain wants a 32-bit seed and uses seed + epoch for epoch `epoch`; hashing
   # keeps seed s+1 from replaying the epochs of seed s shifted by one.
@@ -261,12 +281,29 @@ def _shuffle_seed(seed: int) -> int:
 
 
 def _start(ds: grain.MapDataset, c: ml_collections.ConfigDict) -> Iterator:
-  """Starts building batches on the thread pool right away."""
+  """Starts building batches on the thread pool (or processes) right away.
+
+  With ``worker_processes`` > 0, grain's ``mp_prefetch`` spreads the batches
+  over that many worker processes (batch j on worker j mod n, each with its
+  ``num_workers`` threads): reading and decoding happen there, and the
+  batches are the same as with threads only (they are functions of their
+  position).
+  """
   buffer = max(c.prefetch, c.num_workers) if c.num_workers else 0
   options = grain.ReadOptions(
     num_threads=c.num_workers, prefetch_buffer_size=buffer
   )
-  it = iter(ds.to_iter_dataset(options))
+  ds = ds.to_iter_dataset(options)
+  processes = c.get('worker_processes', 0)
+  if processes:
+    if not flags.FLAGS.is_parsed():  # grain reads its flags; use defaults.
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(
+      grain.multiprocessing.MultiprocessingOptions(
+        num_workers=processes, per_worker_buffer_size=max(c.prefetch, 1)
+      )
+    )
+  it = iter(ds)
   if hasattr(it, 'start_prefetch'):
     it.start_prefetch()
   return it

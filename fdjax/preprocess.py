@@ -16,6 +16,11 @@ import numpy as np
 from PIL import Image
 
 RESIZE_METHODS = ('nearest', 'bilinear', 'bicubic')
+# ImageNet eval resize: PIL's bicubic (antialiased: its kernel widens with
+# the downscale factor) or OpenCV's cv2.INTER_CUBIC (fixed 4-tap kernel,
+# A = -0.75), which the original used; 'cv2' is an exact numpy
+# reimplementation of the latter (docs/data.md), OpenCV is not needed.
+EVAL_RESIZES = ('pil', 'cv2')
 _PIL_RESAMPLE = {
   'nearest': Image.Resampling.NEAREST,
   'bilinear': Image.Resampling.BILINEAR,
@@ -193,7 +198,8 @@ def _color_jitter(
     if op == 0:  # Brightness: scale towards black.
       image = image * alpha
     elif op == 1:  # Contrast: blend with the mean grey level.
-      grey_mean = np.float32((image @ _LUMA.astype(np.float32)).mean())
+      # The mean grey level = the luma of the mean colour (one reduction).
+      grey_mean = np.float32(image.reshape(-1, 3).mean(axis=0) @ _LUMA)
       image = image * alpha + grey_mean * (1 - alpha)
     else:  # Saturation: blend with each pixel's grey level.
       grey = (image @ _LUMA.astype(np.float32))[:, :, None]
@@ -240,8 +246,93 @@ def _imagenet_train(
   return np.clip(out, 0.0, 255.0) / np.float32(255.0)
 
 
+def _cv2_cubic_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
+  """OpenCV's INTER_CUBIC taps along one axis: indices [dst, 4], int weights.
+
+  As imgproc/src/resize.cpp: source coordinate ``(d + 0.5) * scale - 0.5``
+  in float32, Keys' cubic with A = -0.75 in float32, weights rounded to
+  multiples of 1/2048 (int16), indices clamped (border replicate).
+  """
+  scale = 1.0 / (dst / src)
+  fx = ((np.arange(dst) + 0.5) * scale - 0.5).astype(np.float32)
+  sx = np.floor(fx)
+  x = fx - sx
+  a, one = np.float32(-0.75), np.float32(1)
+  x1 = x + one
+  c0 = ((a * x1 - 5 * a) * x1 + 8 * a) * x1 - 4 * a
+  c1 = ((a + 2) * x - (a + 3)) * x * x + one
+  c2 = ((a + 2) * (one - x) - (a + 3)) * (one - x) * (one - x) + one
+  c3 = one - c0 - c1 - c2
+  coeffs = np.stack([c0, c1, c2, c3], axis=-1).astype(np.float32)
+  weights = np.rint(coeffs * np.float32(2048)).astype(np.int64)
+  index = sx.astype(np.int64)[:, None] + np.arange(-1, 3)
+  return np.clip(index, 0, src - 1), weights
+
+
+def resize_cv2_bicubic(
+  image: np.ndarray,
+  width: int,
+  height: int,
+  crop: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:
+  """``cv2.resize(image, (width, height), interpolation=cv2.INTER_CUBIC)``.
+
+  An exact numpy reimplementation of OpenCV's uint8 path as its portable
+  build runs it (``cv2.setUseOptimized(False)``): rows first with integer
+  weights in 1/2048, then columns with OpenCV's 128-bit vector loop in
+  float32 (``((S3*b3 + S2*b2) + S1*b1) + S0*b0``, rounded half to even) and
+  its scalar fixed-point loop (shift by 22) for the last ``W*C mod 8``
+  values of each row. The integer sums are exact in float32 (below 2**24).
+  Checked against cv2 in tests/test_sources.py. With OpenCV's optimised
+  paths (IPP, AVX2; on by default) a few percent of the values come out one
+  level apart (docs/data.md).
+
+  Args:
+    image: uint8 ``[H, W, C]``.
+    width, height: the output size.
+    crop: ``(top, left, crop_height, crop_width)``: compute only this window
+      of the output (each output pixel depends only on its own taps).
+
+  Returns:
+    uint8 ``[height, width, C]``, or the crop window of it.
+  """
+  channels = image.shape[2]
+  top, left, out_h, out_w = crop or (0, 0, height, width)
+  if image.shape[:2] == (height, width):
+    return image[top : top + out_h, left : left + out_w].copy()
+  xi, xw = _cv2_cubic_taps(image.shape[1], width)
+  yi, yw = _cv2_cubic_taps(image.shape[0], height)
+  xi, xw = xi[left : left + out_w], xw[left : left + out_w]
+  yi, yw = yi[top : top + out_h], yw[top : top + out_h]
+  src = image.astype(np.float32)
+  weights = xw.astype(np.float32)[:, :, None]
+  rows = src[:, xi[:, 0]] * weights[:, 0]
+  for k in (1, 2, 3):
+    rows += src[:, xi[:, k]] * weights[:, k]
+  rows = rows.reshape(rows.shape[0], -1)  # [H, out_w * C], exact integers
+  beta = yw.astype(np.float32) * np.float32(1 / (2048 * 2048))
+  out = rows[yi[:, 3]] * beta[:, 3:4]
+  for k in (2, 1, 0):
+    out += rows[yi[:, k]] * beta[:, k : k + 1]
+  out = np.rint(out)
+  # Values past the last full 8-wide vector of an output row: fixed point.
+  column = (left + np.arange(out_w))[:, None] * channels + np.arange(channels)
+  tail = np.flatnonzero(column.reshape(-1) >= width * channels // 8 * 8)
+  if tail.size:
+    taps = rows[:, tail].astype(np.int64)[yi]  # [out_h, 4, tail]
+    fixed = np.einsum('hkw,hk->hw', taps, yw)
+    out[:, tail] = (fixed + (1 << 21)) >> 22
+  out = np.clip(out, 0, 255).astype(np.uint8)
+  return out.reshape(out_h, out_w, channels)
+
+
 def _imagenet_eval(
-  image: np.ndarray, *, size: int, crop_fraction: float, dtype: np.dtype
+  image: np.ndarray,
+  *,
+  size: int,
+  crop_fraction: float,
+  dtype: np.dtype,
+  resize: str = 'pil',
 ) -> np.ndarray:
   """Resizes the shorter side to size / crop_fraction, then centre-crops."""
   image = _as_rgb(image)
@@ -252,9 +343,14 @@ def _imagenet_eval(
   scale = short / min(h, w)
   new_w = max(size, int(round(w * scale)))
   new_h = max(size, int(round(h * scale)))
-  pil = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
   top, left = (new_h - size) // 2, (new_w - size) // 2
-  out = np.asarray(pil)[top : top + size, left : left + size]
+  if resize == 'cv2':
+    out = resize_cv2_bicubic(image, new_w, new_h, (top, left, size, size))
+  else:
+    resized = Image.fromarray(image).resize(
+      (new_w, new_h), Image.Resampling.BICUBIC
+    )
+    out = np.asarray(resized)[top : top + size, left : left + size]
   return _from_uint8(np.ascontiguousarray(out), dtype)
 
 
@@ -312,6 +408,7 @@ def eval_fn(c: ml_collections.ConfigDict) -> Callable[..., np.ndarray]:
       size=c.image_size,
       crop_fraction=c.eval_crop_fraction,
       dtype=dtype,
+      resize=c.get('eval_resize', 'pil'),
     )
   else:
     fn = functools.partial(

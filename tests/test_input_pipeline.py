@@ -328,6 +328,10 @@ def test_bad_batch_and_process_arguments_raise():
     ('num_workers', -1, 'non-negative integer'),
     ('min_crop_area', 0.0, '(0, 1]'),
     ('lighting_std', -0.1, '>= 0'),
+    ('source', 'folder', "valid: ['sklearn']"),
+    ('corrupt_images', 'ignore', "valid: ['raise', 'skip']"),
+    ('eval_resize', 'opencv', "valid: ['pil', 'cv2']"),
+    ('worker_processes', -1, 'non-negative integer'),
   ],
 )
 def test_bad_config_values_raise(field, value, message):
@@ -618,6 +622,7 @@ def test_imagenet_eval_preprocessing_against_pil(
 ):
   image = _gradient_image(width, height)
   cfg = data.default_data_config('imagenet2012')
+  cfg.eval_resize = 'pil'
   out = preprocess.preprocess_eval(cfg, image)
   # Independent computation: PIL bicubic to shorter side 256, crop 224.
   big = Image.fromarray(image).resize(resized, Image.Resampling.BICUBIC)
@@ -635,6 +640,7 @@ def test_imagenet_eval_scales_with_image_size():
   # image_size 112 -> shorter side round(112 * 256 / 224) = 128.
   image = _gradient_image(200, 100)
   cfg = _imagenet_config(image_size=112)
+  cfg.eval_resize = 'pil'
   out = preprocess.preprocess_eval(cfg, image)
   big = Image.fromarray(image).resize((256, 128), Image.Resampling.BICUBIC)
   np.testing.assert_array_equal(out, np.asarray(big)[8:120, 72:184])
