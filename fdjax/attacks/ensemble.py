@@ -344,8 +344,9 @@ class AutoAttack:
       kw['num_target_classes'] = min(kw['num_target_classes'], classes - 1)
     return kw
 
-  def _first_checks(self, params, x, y) -> dict[str, dict[str, str]]:
-    """The checks made on one batch before the attacks (see `CHECKS`)."""
+  def _first_checks(self, params, x, y, m) -> dict[str, dict[str, str]]:
+    """The checks made on one batch before the attacks (see `CHECKS`);
+    its first `m` points are real, the others repeat them."""
     if not hasattr(self, '_probe'):
 
       def probe(params, key, x, y):
@@ -401,6 +402,7 @@ class AutoAttack:
       'the outputs are in [0, 1] and sum to 1: they look like probabilities, '
       'and the attacks need logits',
     )
+    grad_max = grad_max[:m]
     zero = int(np.sum(grad_max == 0))
     checks['zero_gradients'] = _check(
       zero == 0,
@@ -545,7 +547,11 @@ class AutoAttack:
     clean = self.predict(params, images)
     probe = np.resize(np.arange(n), self.batch_size) if n else None
     checks = (
-      self._first_checks(params, fetch(probe), labels[probe]) if n else {}
+      self._first_checks(
+        params, fetch(probe), labels[probe], min(n, self.batch_size)
+      )
+      if n
+      else {}
     )
     broken_by = np.where(clean == labels, -1, 0).astype(np.int32)
     adv = {} if return_adversarial else None
