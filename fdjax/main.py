@@ -23,10 +23,13 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from fdjax import checkpoints
+from fdjax import config_base
 from fdjax import evaluate
 from fdjax import predict
 from fdjax import results
 from fdjax import train
+from fdjax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -64,6 +67,17 @@ flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+# Errors of the user's making: printed as one line (absl's usage-error
+# style), without a traceback.
+_USER_ERRORS = (
+  (config_base.ConfigError, 'Config error'),
+  (checkpoints.CheckpointError, 'Checkpoint error'),
+  (workdir_lib.WorkdirError, 'Workdir error'),
+  (FloatingPointError, 'Training stopped'),
+  (FileNotFoundError, 'Not found'),
+)
+
+
 class _QuietLibraries(std_logging.Filter):
   """Drops the INFO chatter of orbax (one line per file it writes)."""
 
@@ -94,6 +108,14 @@ def _init_distributed():
 
 
 def main(argv):
+  try:
+    _main(argv)
+  except tuple(error for error, _ in _USER_ERRORS) as e:
+    kind = next(k for error, k in _USER_ERRORS if isinstance(e, error))
+    raise SystemExit(f'FATAL {kind}: {e}') from None
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # TensorFlow (if installed, for tfds) must not grab accelerators.
@@ -114,6 +136,9 @@ def main(argv):
     jax.local_devices(),
   )
   config = FLAGS.config
+  if FLAGS.mode != 'train':  # train() checks the whole config itself.
+    config_base.validate_eval(config)
+    config_base.check_run(config, eval_devices=jax.device_count())
   if FLAGS.mode == 'train':
     train.train_and_evaluate(config, FLAGS.workdir)
   elif FLAGS.mode == 'eval':
