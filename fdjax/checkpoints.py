@@ -7,7 +7,7 @@ with two items: 'state' (a pytree holding at least 'params' and
 training config, and `checksums`: the CRC-32 of every array's bytes, with
 its dtype and shape). `fdjax.convert` writes the same layout at step 0.
 
-Integrity (docs/checkpoints.md):
+Integrity (docs/reliability.md):
 
 * `save` refuses a state with a non-finite floating-point value
   (`FloatingPointError`) and checks, before orbax starts, that the

@@ -48,6 +48,12 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_string('image_dir', None, '--mode=predict: images to classify.')
 flags.DEFINE_string('output_csv', None, '--mode=predict: the CSV to write.')
+flags.DEFINE_bool(
+  'skip_bad_images',
+  False,
+  '--mode=predict: skip (and list at the end) the files that do not decode, '
+  'instead of stopping at the first.',
+)
 flags.DEFINE_string(
   'eval_dir',
   None,
@@ -75,6 +81,7 @@ _USER_ERRORS = (
   (workdir_lib.WorkdirError, 'Workdir error'),
   (FloatingPointError, 'Training stopped'),
   (FileNotFoundError, 'Not found'),
+  (predict.ImageError, 'Input error'),
 )
 
 
@@ -151,10 +158,16 @@ def _main(argv):
     if not FLAGS.image_dir or not FLAGS.output_csv:
       raise app.UsageError('--mode=predict needs --image_dir and --output_csv')
     out = predict.run_predict(
-      config, FLAGS.workdir, FLAGS.image_dir, FLAGS.output_csv
+      config,
+      FLAGS.workdir,
+      FLAGS.image_dir,
+      FLAGS.output_csv,
+      skip_bad=FLAGS.skip_bad_images,
     )
     if jax.process_index() == 0:
       print(f'wrote {len(out)} predictions to {FLAGS.output_csv}')
+      for name, reason in out.skipped:
+        print(f'skipped {name}: {reason}')
 
 
 if __name__ == '__main__':

@@ -479,7 +479,7 @@ def _train(config, workdir, *, train_source):
     adv_fraction=float(tc.adv_fraction),
     log_clean_accuracy=bool(tc.log_clean_accuracy),
   )
-  writer = writers.MetricWriter(workdir, enabled=is_main)
+  writer = writers.MetricWriter(workdir, enabled=is_main, start_step=start_step)
   train_iter = input_pipeline.create_train_iter(
     config.data,
     global_batch_size=tc.global_batch_size,

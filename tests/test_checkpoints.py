@@ -5,18 +5,25 @@ of it the way a disk, a careless `rm` or a full disk would.
 """
 
 import errno
+import json
 import logging
 import os
 import re
 import shutil
+import struct
 
 import jax
 import numpy as np
 import pytest
+from tensorboardX.proto import event_pb2
 
 from fdjax import checkpoints
 from fdjax import train
+from fdjax import writers
 from tests.test_train import digits_source
+
+METRICS = writers.METRICS_FILE
+START = event_pb2.SessionLog.START
 
 
 @pytest.fixture
@@ -154,9 +161,50 @@ def test_training_resumes_from_the_previous_step_and_ends_the_same(
   # counted by max_to_keep (3).
   manager = checkpoints.create_manager(workdir)
   assert sorted(manager.all_steps()) == [2, 4, 6]
+  # Logs follow the state: one row per step, those of the resumed run.
+  rows = [json.loads(r) for r in open(os.path.join(workdir, METRICS))]
+  assert [r['step'] for r in rows] == [2, 4, 6]
+  assert any(e.session_log.status == START and e.step == 5 for e in
+             _events(os.path.join(workdir, 'tensorboard')))  # fmt: skip
   state = jax.device_get(state)
   jax.tree.map(np.testing.assert_array_equal, state.params, final.params)
   jax.tree.map(np.testing.assert_array_equal, state.opt_state, final.opt_state)
+
+
+def _events(directory):
+  """The tensorboard Events of every event file in `directory`."""
+  out = []
+  for name in sorted(os.listdir(directory)):
+    data = open(os.path.join(directory, name), 'rb').read()
+    i = 0
+    while i < len(data):  # TFRecords: length, crc, payload, crc.
+      (length,) = struct.unpack('<Q', data[i : i + 8])
+      event = event_pb2.Event()
+      event.ParseFromString(data[i + 12 : i + 12 + length])
+      out.append(event)
+      i += 12 + length + 4
+  return out
+
+
+def test_metric_rows_after_the_resumed_step_are_dropped(tmp_path):
+  workdir = str(tmp_path)
+  writer = writers.MetricWriter(workdir)
+  for step in (1, 2, 3, 4):
+    writer.write_scalars(step, {'loss': float(step)})
+  writer.close()
+  with open(os.path.join(workdir, METRICS), 'a') as f:
+    f.write('{"step": 5, "lo')  # Torn by a kill.
+  writer = writers.MetricWriter(workdir, start_step=2)
+  writer.write_scalars(3, {'loss': 30.0})
+  writer.close()
+  rows = [json.loads(r) for r in open(os.path.join(workdir, METRICS))]
+  assert [(r['step'], r['loss']) for r in rows] == [(1, 1), (2, 2), (3, 30)]
+  purges = [
+    e.step
+    for e in _events(os.path.join(workdir, 'tensorboard'))
+    if e.session_log.status == START
+  ]
+  assert purges == [3]
 
 
 def test_save_refuses_a_non_finite_state(tmp_path):
