@@ -334,7 +334,9 @@ def _try_restore(manager, step, target):
   try:
     state, meta = restore(manager, step, target)
   except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types.
-    code = 'empty' if not os.listdir(_step_dir(manager, step)) else 'unreadable'
+    directory = _step_dir(manager, step)
+    empty = os.path.isdir(directory) and not os.listdir(directory)
+    code = 'empty' if empty else 'unreadable'
     return None, None, (code, _one_line(e))
   problem = verify(state, meta)
   if problem:

@@ -297,7 +297,16 @@ def validate_train(tc: ml_collections.ConfigDict) -> None:
       'a positive integer, or -1 (use train.num_epochs)',
     )
   _number('train.num_epochs', tc.num_epochs, 0.0, low_open=True)
-  _number('train.base_lr', tc.base_lr, 0.0)
+  _number('train.base_lr', tc.base_lr, 0.0, low_open=True)  # 0: no training.
+  _number('train.warmup_start_lr', tc.warmup_start_lr, 0.0)
+  _number('train.decay_factor', tc.decay_factor, 0.0, 1.0, low_open=True)
+  _number('train.momentum', tc.momentum, 0.0, 1.0, high_open=True)
+  epochs = tuple(tc.decay_epochs)
+  if not all(
+    isinstance(e, (int, float)) and not isinstance(e, bool) and e >= 0
+    for e in epochs
+  ):
+    _fail('train.decay_epochs', epochs, 'a tuple of numbers >= 0')
   _number('train.adv_fraction', tc.adv_fraction, 0.0, 1.0)
   _number('train.label_smoothing', tc.label_smoothing, 0.0, 1.0)
   _number('train.weight_decay', tc.weight_decay, 0.0)

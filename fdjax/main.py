@@ -145,6 +145,7 @@ def _main(argv):
   config = FLAGS.config
   if FLAGS.mode != 'train':  # train() checks the whole config itself.
     config_base.validate_eval(config)
+  if FLAGS.mode == 'eval':
     config_base.check_run(config, eval_devices=jax.device_count())
   if FLAGS.mode == 'train':
     train.train_and_evaluate(config, FLAGS.workdir)

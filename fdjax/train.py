@@ -356,6 +356,7 @@ def train_and_evaluate(
     FloatingPointError: a non-finite loss (the message names the step and
       the last good checkpoint).
   """
+  _check(config, train_source)
   with workdir_lib.lock(workdir):  # Training and its evaluation.
     model, state, mesh, last = train(config, workdir, train_source=train_source)
     variables = jax.device_get(state.variables)
@@ -398,9 +399,22 @@ def train(
     fdjax.workdir.WorkdirError: the workdir holds another run (differing
       defining settings) or another process uses it.
   """
-  config_base.validate(config)
+  _check(config, train_source)
   with workdir_lib.lock(workdir):
     return _train(config, workdir, train_source=train_source)
+
+
+def _check(config, train_source) -> None:
+  """Every setting, with the devices and split sizes, before any work."""
+  config_base.validate(config)
+  shard_map = config.train.parallel == 'shard_map'
+  info = data.dataset_info(config.data)
+  config_base.check_run(
+    config,
+    eval_devices=jax.device_count(),
+    train_devices=jax.device_count() if shard_map else jax.local_device_count(),
+    num_train=info.num_train if train_source is None else len(train_source),
+  )
 
 
 def _train(config, workdir, *, train_source):
@@ -416,12 +430,6 @@ def _train(config, workdir, *, train_source):
   info = data.dataset_info(config.data)
   if train_source is not None:
     info = info._replace(num_train=len(train_source))
-  config_base.check_run(
-    config,
-    eval_devices=jax.device_count(),
-    train_devices=len(devices),
-    num_train=info.num_train,
-  )
   process_index, process_count = jax.process_index(), jax.process_count()
 
   num_classes = info.num_classes

@@ -26,6 +26,9 @@ from absl import logging
 import jax
 import ml_collections
 
+from fdjax import config_base
+from fdjax import data
+
 CONFIG_FILE = 'config.json'
 LOCK_FILE = '.lock'
 
@@ -68,6 +71,15 @@ def _settings(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
   return _flatten(config)
 
 
+def _defaults(recorded: dict[str, Any]) -> dict[str, Any]:
+  """The defaults of every field (those of the recorded dataset's data)."""
+  base = config_base.base_config()
+  name = recorded.get('data', {}).get('name')
+  if name in data.DATASETS:
+    base.data = data.default_data_config(name)
+  return _settings(base)
+
+
 def may_change(field: str) -> bool:
   return any(
     field == f or (f.endswith('.') and field.startswith(f)) for f in MAY_CHANGE
@@ -87,9 +99,15 @@ def differences(
     Two lists of 'field: recorded -> now' strings.
   """
   old, new = _settings(recorded), _settings(config)
+  defaults = _defaults(recorded)
   defining, allowed = [], []
   for field in sorted(set(old) | set(new)):
     a, b = old.get(field, '<absent>'), new.get(field, '<absent>')
+    if field not in old and field in defaults and b == defaults[field]:
+      continue  # A setting added since the record, at its default.
+    if field not in new:
+      allowed.append(f'{field}: {a!r} -> no longer a setting')
+      continue
     if a != b:
       line = f'{field}: {a!r} -> {b!r}'
       (allowed if may_change(field) else defining).append(line)

@@ -63,6 +63,14 @@ def test_a_rerun_with_other_defining_settings_is_refused_before_writing(
   assert 'train.num_steps: 3 -> 9' in caplog.text
   recorded = json.load(open(os.path.join(workdir, 'config.json')))
   assert recorded['train']['num_steps'] == 9
+  # A record from before a setting existed: the setting at its default is
+  # no difference; at another value it is.
+  del recorded['model']['denoise_residual'], recorded['train']['momentum']
+  assert workdir_lib.differences(recorded, allowed)[0] == []
+  allowed.train.momentum = 0.5
+  assert workdir_lib.differences(recorded, allowed)[0] == [
+    "train.momentum: '<absent>' -> 0.5"
+  ]
 
 
 def test_training_into_a_converted_model_dir_is_refused(tmp_path):
@@ -166,6 +174,7 @@ def test_a_read_only_model_dir_is_evaluated_into_eval_dir(
   os.chmod(model_dir, 0o555)
   config.eval.sanity = False
   config.eval.figures = False
+  config.eval.pgd_steps = (1,)
   config_base.validate_eval(config)
   try:
     out = evaluate.run(config, model_dir, eval_dir=str(tmp_path / 'eval'))
