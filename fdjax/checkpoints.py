@@ -24,6 +24,7 @@ Integrity (docs/reliability.md):
 import errno
 import logging as std_logging
 import os
+import re
 import shutil
 import tempfile
 from typing import Any
@@ -72,13 +73,27 @@ class _QuietOrbaxTasks(std_logging.Filter):
     return 'orbax' not in text and 'Event loop is closed' not in text
 
 
+class _ShortOrbaxErrors(std_logging.Filter):
+  """Shortens orbax's own error records to one line (no traceback)."""
+
+  def filter(self, record):
+    if record.levelno >= std_logging.ERROR and '/orbax/' in record.pathname:
+      message = record.getMessage().splitlines()[0] if record.msg else ''
+      record.msg = message[:300] + ('...' if len(message) > 300 else '')
+      record.args = None
+      record.exc_info = record.exc_text = None
+    return True
+
+
 _ASYNCIO_FILTER = _QuietOrbaxTasks()
+_ORBAX_FILTER = _ShortOrbaxErrors()
 
 
 def _quiet_asyncio() -> None:
-  logger = std_logging.getLogger('asyncio')
-  if _ASYNCIO_FILTER not in logger.filters:
-    logger.addFilter(_ASYNCIO_FILTER)
+  for name, f in (('asyncio', _ASYNCIO_FILTER), ('absl', _ORBAX_FILTER)):
+    logger = std_logging.getLogger(name)
+    if f not in logger.filters:
+      logger.addFilter(f)
 
 
 def create_manager(
@@ -180,6 +195,9 @@ def verify(state: Any, meta: dict[str, Any]) -> tuple[str, str] | None:
 def _one_line(error: BaseException) -> str:
   """A short one-line summary of an orbax/tensorstore/OS error."""
   text = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  code = re.search(r"os_error_code='(\d+)'", text)
+  if code:  # tensorstore: the OS error is what matters.
+    return f'{os.strerror(int(code[1]))} (tensorstore: {text[:120]}...)'
   for tail in (' [tensorstore_spec', ' [source locations', '. See full'):
     text = text.split(tail)[0]
   if len(text) > 240:
