@@ -48,6 +48,7 @@ MAY_CHANGE = (
   'data.eval_split',
   'data.eval_crop_fraction',
   'eval.',
+  'attack_set.',  # --mode=attack (adversarial sets), not training.
 )
 
 
