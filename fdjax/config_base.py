@@ -4,7 +4,10 @@ Every config in configs/ starts from `base_config()` and overrides what it
 needs; any field can be overridden on the command line, e.g.
 `--config.attack.num_steps=10`. `validate(config)` checks every section
 before any work starts; each error names the field, the value and what is
-valid, in one phrasing: ``FIELD=VALUE is not valid; valid: ...``.
+valid, in one phrasing: ``FIELD=VALUE is not valid; valid: ...`` (a
+`ConfigError`, which `fdjax.main` prints as one line). `check_run` adds the
+checks that need the devices and the split sizes (batch divisibility,
+`eval.num_examples` within the split, at least one training step).
 """
 
 from collections.abc import Mapping
@@ -189,8 +192,12 @@ EVAL_DEFAULTS = eval_config().to_dict()
 # Checks: one phrasing for every field.
 
 
+class ConfigError(ValueError):
+  """An invalid setting: its field, its value and what is valid (one line)."""
+
+
 def _fail(field: str, value: Any, valid: str) -> None:
-  raise ValueError(f'{field}={value!r} is not valid; valid: {valid}.')
+  raise ConfigError(f'{field}={value!r} is not valid; valid: {valid}.')
 
 
 def check_choice(field: str, value: Any, valid: Any) -> None:
@@ -311,6 +318,9 @@ def validate_attack(ac: ml_collections.ConfigDict, field: str = 'attack'):
   check_choice(f'{field}.norm', ac.norm, attacks.NORMS)
   check_choice(f'{field}.loss', ac.loss, attacks.LOSSES)
   _number(f'{field}.clean_start_prob', ac.clean_start_prob, 0.0, 1.0)
+  if ac.num_steps > 0:  # An attack of size 0 would be clean training.
+    for name in ('epsilon', 'step_size'):
+      _number(f'{field}.{name}', ac[name], 0.0, low_open=True)
 
 
 def validate_train(tc: ml_collections.ConfigDict) -> None:
@@ -324,10 +334,23 @@ def validate_train(tc: ml_collections.ConfigDict) -> None:
     'max_checkpoints',
   ):
     _int(f'train.{name}', tc[name], 1)
-  if tc.num_steps != -1:
-    _int('train.num_steps', tc.num_steps, 1)  # -1: from num_epochs.
+  if tc.num_steps != -1 and (not _is_int(tc.num_steps) or tc.num_steps < 1):
+    _fail(
+      'train.num_steps',
+      tc.num_steps,
+      'a positive integer, or -1 (use train.num_epochs)',
+    )
   _number('train.num_epochs', tc.num_epochs, 0.0, low_open=True)
-  _number('train.base_lr', tc.base_lr, 0.0)
+  _number('train.base_lr', tc.base_lr, 0.0, low_open=True)  # 0: no training.
+  _number('train.warmup_start_lr', tc.warmup_start_lr, 0.0)
+  _number('train.decay_factor', tc.decay_factor, 0.0, 1.0, low_open=True)
+  _number('train.momentum', tc.momentum, 0.0, 1.0, high_open=True)
+  epochs = tuple(tc.decay_epochs)
+  if not all(
+    isinstance(e, (int, float)) and not isinstance(e, bool) and e >= 0
+    for e in epochs
+  ):
+    _fail('train.decay_epochs', epochs, 'a tuple of numbers >= 0')
   _number('train.adv_fraction', tc.adv_fraction, 0.0, 1.0)
   _number('train.label_smoothing', tc.label_smoothing, 0.0, 1.0)
   _number('train.weight_decay', tc.weight_decay, 0.0)
@@ -389,7 +412,8 @@ def resolve_eval_config(
     >>> resolve_eval_config({'restarts': 0})
     Traceback (most recent call last):
     ...
-    ValueError: eval.restarts=0 is not valid; valid: a positive integer.
+    fdjax.config_base.ConfigError: eval.restarts=0 is not valid; valid: a
+    positive integer.
   """
   given = eval_config or {}
   if isinstance(given, ml_collections.ConfigDict):
@@ -409,8 +433,12 @@ def resolve_eval_config(
     'sanity_steps',
   ):
     _int(f'eval.{field}', c[field], 1)
-  if c.num_examples != -1:
-    _int('eval.num_examples', c.num_examples, 1)  # -1: the whole split.
+  if c.num_examples != -1 and (
+    not _is_int(c.num_examples) or c.num_examples < 1
+  ):
+    _fail(
+      'eval.num_examples', c.num_examples, 'a positive integer, or -1 (all)'
+    )
   for field in ('epsilon', 'step_size', 'sanity_large_epsilon'):
     _number(f'eval.{field}', c[field], 0.0, low_open=True)
   multiples = tuple(c.sanity_epsilon_multiples)
@@ -485,15 +513,81 @@ def validate(config: ml_collections.ConfigDict) -> None:
     >>> validate(config)
     Traceback (most recent call last):
     ...
-    ValueError: attack.norm='l1' is not valid; valid: ['linf', 'l2'].
+    fdjax.config_base.ConfigError: attack.norm='l1' is not valid; valid:
+    ['linf', 'l2'].
   """
+  _int('seed', config.seed, 0)
   validate_model(config.model)
-  validate_data(config.data)
   validate_attack(config.attack)
   validate_train(config.train)
+  validate_eval(config)
+
+
+def validate_eval(config: ml_collections.ConfigDict) -> None:
+  """Checks what evaluation and prediction use: `data` and `eval`."""
+  validate_data(config.data)
   resolve_eval_config(config.eval)
   if 'attack_set' in config:
     validate_attack_set(config.attack_set)
+
+
+def check_run(
+  config: ml_collections.ConfigDict,
+  *,
+  eval_devices: int,
+  train_devices: int | None = None,
+  num_train: int | None = None,
+) -> None:
+  """The checks that need the devices and the split sizes, before any work.
+
+  Args:
+    config: a validated config.
+    eval_devices: the devices evaluation divides its batches among.
+    train_devices: those of training; None checks evaluation only.
+    num_train: training examples (default: the config's train split).
+
+  Raises:
+    ConfigError: a batch that does not divide among the devices,
+      `eval.num_examples` beyond the eval split, or a run of zero steps.
+
+  Examples:
+    >>> config = base_config()
+    >>> config.data = data.default_data_config('digits')
+    >>> config.eval.num_examples = 300
+    >>> check_run(config, eval_devices=1)
+    Traceback (most recent call last):
+    ...
+    fdjax.config_base.ConfigError: eval.num_examples=300 is not valid; valid:
+    -1 (all) or 1..297 (the examples of digits/test).
+  """
+  ec = resolve_eval_config(config.eval)
+  dc = config.data
+  for field, batch, devices in (
+    ('eval.global_batch_size', ec.global_batch_size, eval_devices),
+    ('train.global_batch_size', config.train.global_batch_size, train_devices),
+  ):
+    if devices is not None and batch % devices:
+      _fail(field, batch, f'a multiple of {devices} (split among the devices)')
+  info = data.dataset_info(dc)
+  if ec.num_examples > info.num_eval:
+    _fail(
+      'eval.num_examples',
+      ec.num_examples,
+      f'-1 (all) or 1..{info.num_eval} (the examples of '
+      f'{dc.name}/{dc.eval_split})',
+    )
+  if train_devices is None:
+    return
+  tc = config.train
+  num_train = info.num_train if num_train is None else num_train
+  steps_per_epoch = max(num_train // tc.global_batch_size, 1)
+  if tc.num_steps == -1 and round(tc.num_epochs * steps_per_epoch) < 1:
+    _fail(
+      'train.num_epochs',
+      tc.num_epochs,
+      f'at least one step: > {0.5 / steps_per_epoch:.3g} at '
+      f'{steps_per_epoch} steps per epoch',
+    )
 
 
 def make_smoke_run(config: ml_collections.ConfigDict) -> None:

@@ -21,8 +21,10 @@ evaluates):
 """
 
 from collections.abc import Mapping
+import os
 import re
 from typing import Any
+import zipfile
 
 from absl import app
 from absl import flags
@@ -34,6 +36,7 @@ import numpy as np
 
 from fdjax import checkpoints
 from fdjax import models
+from fdjax import workdir as workdir_lib
 
 # The original's model classes and the `fdjax.models.VARIANTS` suffix of
 # the network each builds (nets.py of the original release).
@@ -118,13 +121,44 @@ def tensorpack_name(path: tuple[str, ...]) -> str:
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
-  with np.load(path, allow_pickle=False) as data:
-    arrays = {}
-    for key in data.files:
-      name = key[:-2] if key.endswith(':0') else key
-      if name in arrays:
-        raise ValueError(f'{path}: variable {name!r} appears twice')
-      arrays[name] = data[key]
+  """{name: array} of an npz file; a malformed file is one ValueError line.
+
+  Raises:
+    ValueError: the file is missing, not an npz archive (truncated, not a
+      zip, an .npy), holds objects (pickles), a damaged array, or a name
+      twice; the message names the path and what was wrong.
+  """
+  arrays = {}
+  try:
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+      raise ValueError('a single array (.npy), not an npz archive')
+    with data:
+      for key in data.files:
+        name = key[:-2] if key.endswith(':0') else key
+        if name in arrays:
+          raise ValueError(f'variable {name!r} appears twice')
+        try:
+          arrays[name] = data[key]
+        except ValueError as e:
+          if 'allow_pickle' in str(e):
+            raise ValueError(
+              f'{key!r} holds Python objects, not numbers (a pickle; '
+              'never loaded)'
+            ) from None
+          raise ValueError(f'{key!r} is damaged ({e})') from None
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+          raise ValueError(f'{key!r} is damaged ({e})') from None
+  except FileNotFoundError:
+    raise ValueError(f'{path}: no such file') from None
+  except IsADirectoryError:
+    raise ValueError(f'{path}: a directory, not an npz file') from None
+  except ValueError as e:
+    if 'allow_pickle' in str(e):  # np.load's words for "not npz or npy".
+      e = 'not an npz archive (truncated, or another format)'
+    raise ValueError(f'{path}: {e}') from None
+  except (zipfile.BadZipFile, OSError, EOFError) as e:
+    raise ValueError(f'{path}: not a readable npz archive ({e})') from None
   return arrays
 
 
@@ -207,12 +241,38 @@ def load_tensorpack(
   return model, variables
 
 
+def check_out_dir(out: str) -> None:
+  """Refuses an --out that holds checkpoints (a training run's or another
+  conversion's): converting never overwrites nor deletes a checkpoint.
+
+  Raises:
+    ValueError: `out/checkpoints/` holds a step, or `out` is a file.
+  """
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f'--out={out!r} is a file; valid: a directory.')
+  if workdir_lib.holds_checkpoints(out) or os.path.exists(
+    os.path.join(out, workdir_lib.CONFIG_FILE)
+  ):
+    raise ValueError(
+      f'--out={out!r} already holds checkpoints or a training run '
+      f'({checkpoints.checkpoint_dir(out)}); valid: an empty or new '
+      'directory (nothing is overwritten or deleted).'
+    )
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
-  model, variables = load_tensorpack(f.npz, arch=f.arch, depth=f.depth)
+  try:
+    check_out_dir(f.out)
+    model, variables = load_tensorpack(f.npz, arch=f.arch, depth=f.depth)
+  except ValueError as e:
+    raise SystemExit(f'FATAL {e}') from None
   settings = model_settings(f.arch, f.depth, model.num_classes)
-  manager = checkpoints.create_manager(f.out, enable_async=False)
+  # max_to_keep=None: orbax deletes nothing.
+  manager = checkpoints.create_manager(
+    f.out, enable_async=False, max_to_keep=None
+  )
   checkpoints.save(
     manager,
     0,

@@ -26,10 +26,13 @@ import jax
 from ml_collections import config_flags
 
 from fdjax import attack_set
+from fdjax import checkpoints
+from fdjax import config_base
 from fdjax import evaluate
 from fdjax import predict
 from fdjax import results
 from fdjax import train
+from fdjax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -49,6 +52,12 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_string('image_dir', None, '--mode=predict: images to classify.')
 flags.DEFINE_string('output_csv', None, '--mode=predict: the CSV to write.')
+flags.DEFINE_bool(
+  'skip_bad_images',
+  False,
+  '--mode=predict: skip (and list at the end) the files that do not decode, '
+  'instead of stopping at the first.',
+)
 flags.DEFINE_string(
   'eval_dir',
   None,
@@ -66,6 +75,18 @@ flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
 flags.DEFINE_integer('num_processes', None, 'Number of processes.')
 flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+# Errors of the user's making: printed as one line (absl's usage-error
+# style), without a traceback.
+_USER_ERRORS = (
+  (config_base.ConfigError, 'Config error'),
+  (checkpoints.CheckpointError, 'Checkpoint error'),
+  (workdir_lib.WorkdirError, 'Workdir error'),
+  (FloatingPointError, 'Training stopped'),
+  (FileNotFoundError, 'Not found'),
+  (predict.ImageError, 'Input error'),
+)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -98,6 +119,14 @@ def _init_distributed():
 
 
 def main(argv):
+  try:
+    _main(argv)
+  except tuple(error for error, _ in _USER_ERRORS) as e:
+    kind = next(k for error, k in _USER_ERRORS if isinstance(e, error))
+    raise SystemExit(f'FATAL {kind}: {e}') from None
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # TensorFlow (if installed, for tfds) must not grab accelerators.
@@ -118,6 +147,10 @@ def main(argv):
     jax.local_devices(),
   )
   config = FLAGS.config
+  if FLAGS.mode != 'train':  # train() checks the whole config itself.
+    config_base.validate_eval(config)
+  if FLAGS.mode == 'eval':
+    config_base.check_run(config, eval_devices=jax.device_count())
   if FLAGS.mode == 'train':
     train.train_and_evaluate(config, FLAGS.workdir)
   elif FLAGS.mode == 'eval':
@@ -137,10 +170,16 @@ def main(argv):
     if not FLAGS.image_dir or not FLAGS.output_csv:
       raise app.UsageError('--mode=predict needs --image_dir and --output_csv')
     out = predict.run_predict(
-      config, FLAGS.workdir, FLAGS.image_dir, FLAGS.output_csv
+      config,
+      FLAGS.workdir,
+      FLAGS.image_dir,
+      FLAGS.output_csv,
+      skip_bad=FLAGS.skip_bad_images,
     )
     if jax.process_index() == 0:
       print(f'wrote {len(out)} predictions to {FLAGS.output_csv}')
+      for name, reason in out.skipped:
+        print(f'skipped {name}: {reason}')
 
 
 if __name__ == '__main__':

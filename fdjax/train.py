@@ -37,6 +37,7 @@ from fdjax import input_pipeline
 from fdjax import models
 from fdjax import parallel
 from fdjax import preprocess
+from fdjax import workdir as workdir_lib
 from fdjax import writers
 
 P = jax.sharding.PartitionSpec
@@ -309,7 +310,25 @@ def _global_batch(batch, mesh, backend):
 
 
 def _is_finite(metrics: dict[str, Any]) -> bool:
-  return all(np.isfinite(metrics[k]) for k in ('loss', 'grad_norm'))
+  # param_norm is of the parameters after the update.
+  keys = ('loss', 'grad_norm', 'param_norm')
+  return all(np.isfinite(metrics[k]) for k in keys)
+
+
+def _non_finite_error(what: str, manager, workdir) -> FloatingPointError:
+  """The FloatingPointError naming the last checkpoint saved (all verified)."""
+  checkpoints.finish(manager)
+  steps = checkpoints.complete_steps(manager)
+  good = steps[-1] if steps else None
+  where = (
+    f'The last good checkpoint is step {good} in '
+    f'{checkpoints.checkpoint_dir(workdir)} (rerun the command to '
+    'resume from it, e.g. with a lower learning rate).'
+    if good is not None
+    else 'No checkpoint was written yet: there is no last good '
+    'checkpoint to resume from (lower the learning rate and rerun).'
+  )
+  return FloatingPointError(f'{what}; stopping. {where}')
 
 
 def train_and_evaluate(
@@ -337,19 +356,21 @@ def train_and_evaluate(
     FloatingPointError: a non-finite loss (the message names the step and
       the last good checkpoint).
   """
-  model, state, mesh, last = train(config, workdir, train_source=train_source)
-  variables = jax.device_get(state.variables)
-  results = evaluate.evaluate(
-    model,
-    variables,
-    config,
-    workdir=workdir,
-    mesh=mesh,
-    source=eval_source,
-  )
-  if jax.process_index() == 0:  # evaluate() printed the table.
-    with open(os.path.join(workdir, 'results.json'), 'w') as f:
-      json.dump({'train': last, 'eval': results}, f, indent=2, default=float)
+  _check(config, train_source)
+  with workdir_lib.lock(workdir):  # Training and its evaluation.
+    model, state, mesh, last = train(config, workdir, train_source=train_source)
+    variables = jax.device_get(state.variables)
+    results = evaluate.evaluate(
+      model,
+      variables,
+      config,
+      workdir=workdir,
+      mesh=mesh,
+      source=eval_source,
+    )
+    if jax.process_index() == 0:  # evaluate() printed the table.
+      with open(os.path.join(workdir, 'results.json'), 'w') as f:
+        json.dump({'train': last, 'eval': results}, f, indent=2, default=float)
   return {'train': last, 'eval': results}
 
 
@@ -375,8 +396,28 @@ def train(
       the device count.
     FloatingPointError: a non-finite loss (the message names the step and
       the last good checkpoint).
+    fdjax.workdir.WorkdirError: the workdir holds another run (differing
+      defining settings) or another process uses it.
   """
+  _check(config, train_source)
+  with workdir_lib.lock(workdir):
+    return _train(config, workdir, train_source=train_source)
+
+
+def _check(config, train_source) -> None:
+  """Every setting, with the devices and split sizes, before any work."""
   config_base.validate(config)
+  shard_map = config.train.parallel == 'shard_map'
+  info = data.dataset_info(config.data)
+  config_base.check_run(
+    config,
+    eval_devices=jax.device_count(),
+    train_devices=jax.device_count() if shard_map else jax.local_device_count(),
+    num_train=info.num_train if train_source is None else len(train_source),
+  )
+
+
+def _train(config, workdir, *, train_source):
   tc = config.train
   backend = tc.parallel
   if backend == 'pmap' and jax.process_count() > 1:
@@ -386,12 +427,11 @@ def train(
     )
   devices = jax.devices() if backend == 'shard_map' else jax.local_devices()
   mesh = parallel.make_mesh(devices)
-  parallel.check_divisible(tc.global_batch_size, len(devices))
-  process_index, process_count = jax.process_index(), jax.process_count()
-
   info = data.dataset_info(config.data)
   if train_source is not None:
     info = info._replace(num_train=len(train_source))
+  process_index, process_count = jax.process_index(), jax.process_count()
+
   num_classes = info.num_classes
   steps_per_epoch = max(info.num_train // tc.global_batch_size, 1)
   num_steps = total_steps(tc, steps_per_epoch)
@@ -402,10 +442,8 @@ def train(
   tx = create_optimizer(tc, learning_rate_fn)
 
   is_main = process_index == 0
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+  # Refuses another run's workdir before writing; writes config.json.
+  workdir_lib.check_and_record(config, workdir)
 
   replicated = jax.sharding.NamedSharding(mesh, P())
   init = jax.jit(
@@ -423,12 +461,15 @@ def train(
   )
   manager = checkpoints.create_manager(workdir, max_to_keep=tc.max_checkpoints)
   meta = {'model': models.model_kwargs(config.model, num_classes)}
-  if manager.latest_step() is not None:
-    abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      state,
-    )
-    state, _ = checkpoints.restore(manager, target=abstract)
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+    state,
+  )
+  # The newest checkpoint that restores and verifies; damaged newer ones
+  # are moved to checkpoints/rejected/.
+  restored = checkpoints.restore_newest(manager, abstract, reject_bad=True)
+  if restored is not None:
+    state = restored[0]
     logging.info('Resumed from step %d in %s', int(state.step), workdir)
   start_step = int(state.step)
 
@@ -446,7 +487,7 @@ def train(
     adv_fraction=float(tc.adv_fraction),
     log_clean_accuracy=bool(tc.log_clean_accuracy),
   )
-  writer = writers.MetricWriter(workdir, enabled=is_main)
+  writer = writers.MetricWriter(workdir, enabled=is_main, start_step=start_step)
   train_iter = input_pipeline.create_train_iter(
     config.data,
     global_batch_size=tc.global_batch_size,
@@ -486,22 +527,17 @@ def train(
     pending = []
     for offset, m in enumerate(history):
       if not _is_finite(m):
-        manager.wait_until_finished()
         bad = done - len(history) + offset
-        good = manager.latest_step()
-        where = (
-          f'The last good checkpoint is step {good} in '
-          f'{checkpoints.checkpoint_dir(workdir)} (rerun the command to '
-          'resume from it, e.g. with a lower learning rate).'
-          if good is not None
-          else 'No checkpoint was written yet: there is no last good '
-          'checkpoint to resume from (lower the learning rate and rerun).'
-        )
-        raise FloatingPointError(
-          f'non-finite loss or gradient at step {bad}; stopping. {where}'
+        raise _non_finite_error(
+          f'non-finite loss, gradient or parameters at step {bad}',
+          manager,
+          workdir,
         )
     if is_ckpt:
-      checkpoints.save(manager, done, state, meta)
+      try:  # Refuses a non-finite state (e.g. the optimizer's).
+        checkpoints.save(manager, done, state, meta)
+      except FloatingPointError as e:
+        raise _non_finite_error(str(e), manager, workdir) from None
     if is_log:
       elapsed = time.perf_counter() - timer_start
       images_per_s = (done - timer_step) * tc.global_batch_size / elapsed
@@ -522,7 +558,7 @@ def train(
         writers.eta(done, num_steps, timer_step, elapsed),
       )
       timer_step, timer_start = done, time.perf_counter()
-  manager.wait_until_finished()
+  checkpoints.finish(manager)
   manager.close()
   writer.flush()
 

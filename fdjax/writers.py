@@ -1,6 +1,10 @@
 """Metric writers: TensorBoard event files and a JSON-lines file.
 
 Only the main process writes (pass `enabled=jax.process_index() == 0`).
+Logs follow the state: a run resumed at `start_step` first drops the rows
+of `metrics.jsonl` after that step (written by the abandoned run beyond its
+last checkpoint) and asks TensorBoard to purge its events after it, so that
+each step has exactly one row, that of the run that the state comes from.
 """
 
 import json
@@ -15,6 +19,13 @@ METRICS_FILE = 'metrics.jsonl'
 class MetricWriter:
   """Writes scalars to TensorBoard (tensorboardX) and `metrics.jsonl`.
 
+  Args:
+    workdir: where `metrics.jsonl` and `tensorboard/` go.
+    enabled: False on processes other than the main one.
+    start_step: the step the run starts from (resumes at); rows of later
+      steps already in the files are dropped (JSON lines) or purged
+      (TensorBoard).
+
   Examples:
     >>> import tempfile
     >>> workdir = tempfile.mkdtemp()
@@ -25,7 +36,9 @@ class MetricWriter:
     '{"step": 1, "loss": 0.5}'
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(
+    self, workdir: str, *, enabled: bool = True, start_step: int = 0
+  ):
     self._enabled = enabled
     self._tb = None
     self._jsonl = None
@@ -34,8 +47,13 @@ class MetricWriter:
     from tensorboardX import SummaryWriter
 
     os.makedirs(workdir, exist_ok=True)
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
+    path = os.path.join(workdir, METRICS_FILE)
+    truncate_rows(path, start_step)
+    tb_dir = os.path.join(workdir, 'tensorboard')
+    # TensorBoard hides the events of steps >= purge_step in older files.
+    purge = int(start_step) + 1 if os.path.isdir(tb_dir) else None
+    self._tb = SummaryWriter(tb_dir, purge_step=purge)
+    self._jsonl = open(path, 'a')
 
   def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
     if not self._enabled:
@@ -56,6 +74,48 @@ class MetricWriter:
       self._tb.close()
       self._jsonl.close()
       self._jsonl = None
+
+
+def truncate_rows(path: str, last_step: int) -> int:
+  """Drops the rows of a JSON-lines metrics file after `last_step`.
+
+  Also drops a torn line (a run killed while writing it). The file is
+  replaced atomically.
+
+  Args:
+    path: a `metrics.jsonl` (nothing happens when it does not exist).
+    last_step: the step the state is at; rows with a larger step go.
+
+  Returns:
+    The number of rows dropped.
+
+  Examples:
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), METRICS_FILE)
+    >>> _ = open(path, 'w').write(
+    ...     '{"step": 2}\\n{"step": 4}\\n{"step": 6}\\n{"step": 8')
+    >>> truncate_rows(path, 4), open(path).read()
+    (2, '{"step": 2}\\n{"step": 4}\\n')
+  """
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.read().splitlines(keepends=True)
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if int(row.get('step', 0)) <= last_step:
+      kept.append(line if line.endswith('\n') else line + '\n')
+  dropped = len(lines) - len(kept)
+  if kept != lines:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  return dropped
 
 
 def format_duration(seconds: float) -> str:

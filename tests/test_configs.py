@@ -2,6 +2,8 @@
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -71,3 +73,67 @@ def test_imagenet_variants_select_the_papers_models():
 def test_unknown_variant_names_the_valid_ones(name, arg):
   with pytest.raises(ValueError, match='valid'):
     load(name).get_config(arg)
+
+
+def _small(**fields):
+  config = load('default').get_config('small')
+  for key, value in fields.items():
+    section, field = key.split('.')
+    config[section][field] = value
+  return config
+
+
+@pytest.mark.parametrize(
+  'field,value',
+  [
+    ('train.num_epochs', 0.0),
+    ('train.num_steps', -5),
+    ('train.base_lr', 0.0),
+    ('train.decay_factor', 0.0),
+    ('train.momentum', 1.0),
+    ('train.decay_epochs', (-1.0,)),
+    ('attack.epsilon', 0.0),
+    ('model.dtype', 'float64'),
+    ('model.stage_sizes', ()),
+    ('eval.num_examples', 0),
+  ],
+)
+def test_values_that_empty_or_change_a_run_are_refused(field, value):
+  with pytest.raises(config_base.ConfigError) as e:
+    config_base.validate(_small(**{field: value}))
+  assert str(e.value).startswith(f'{field}={value!r} is not valid; valid: ')
+
+
+def test_checks_that_need_devices_and_split_sizes():
+  check = config_base.check_run
+  with pytest.raises(config_base.ConfigError, match='multiple of 8'):
+    check(_small(**{'eval.global_batch_size': 12}), eval_devices=8)
+  with pytest.raises(config_base.ConfigError, match='1..297'):
+    check(_small(**{'eval.num_examples': 298}), eval_devices=1)
+  few = _small(**{'train.num_steps': -1, 'train.num_epochs': 0.001})
+  config_base.validate(few)
+  with pytest.raises(config_base.ConfigError, match='at least one step'):
+    check(few, eval_devices=1, train_devices=1)
+  check(_small(), eval_devices=8, train_devices=8)
+
+
+def test_main_prints_a_config_error_as_one_line(tmp_path):
+  workdir = tmp_path / 'w'
+  result = subprocess.run(
+    [
+      sys.executable, '-m', 'fdjax.main', '--config=configs/default.py:small',
+      f'--workdir={workdir}', '--config.eval.num_examples=1000',
+    ],
+    cwd=os.path.dirname(CONFIGS),
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )  # fmt: skip
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+    'FATAL Config error: eval.num_examples=1000 is not valid; valid: -1 '
+    '(all) or 1..297 (the examples of digits/test).'
+  )
+  assert not workdir.exists()
