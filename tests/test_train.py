@@ -17,7 +17,6 @@ import numpy as np
 import optax
 import pytest
 
-from fdjax import attacks
 from fdjax import checkpoints
 from fdjax import config_base
 from fdjax import data
@@ -74,8 +73,14 @@ def run_steps(config, mesh, backend, num_steps=2, source=None):
   model = models.from_config(config.model, info.num_classes)
   lr_fn = train.create_learning_rate_fn(config.train, 4)
   tx = train.create_optimizer(config.train, lr_fn)
+  tc = config.train
   state = train.create_train_state(
-    jax.random.key(0), model=model, image_shape=info.image_shape, tx=tx
+    jax.random.key(0),
+    model=model,
+    image_shape=info.image_shape,
+    tx=tx,
+    ema=tc.ema_decay > 0,
+    free_batch_size=tc.global_batch_size if tc.recipe == 'free' else 0,
   )
   step = train.make_train_step(
     mesh,
@@ -84,8 +89,7 @@ def run_steps(config, mesh, backend, num_steps=2, source=None):
     tx=tx,
     learning_rate_fn=lr_fn,
     num_classes=info.num_classes,
-    attack=attacks.from_config(config.attack, info.num_classes),
-    clean_start_prob=config.attack.clean_start_prob,
+    **train.recipe_step_kwargs(config, info.num_classes),
     label_smoothing=config.train.label_smoothing,
     weight_decay=config.train.weight_decay,
   )
