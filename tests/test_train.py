@@ -314,11 +314,27 @@ def _env(num_devices=8, cache_dir=None):
   return env
 
 
-def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tmp_path):
+# The paper's recipe; free AT (its perturbation carried in the state) with
+# the weights' moving average (evaluated) and the overfitting guard.
+RESUME_CASES = {
+  'paper': (),
+  'free_ema_guard': (
+    '--config.train.recipe=free', '--config.train.free_replays=2',
+    '--config.train.ema_decay=0.5', '--config.train.ema_start_step=1',
+    '--config.train.guard_every_steps=3',
+    '--config.train.guard_num_examples=16',
+    '--config.train.guard_pgd_steps=2',
+  ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize('case', list(RESUME_CASES))
+def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tmp_path, case):
+  extra = RESUME_CASES[case]
   env = _env(cache_dir=tmp_path / 'xla_cache')
   straight = tmp_path / 'straight'
   subprocess.run(
-    _main_command(straight),
+    _main_command(straight, *extra),
     cwd=ROOT,
     env=env,
     check=True,
@@ -327,7 +343,7 @@ def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tmp_path):
   )
   killed = tmp_path / 'killed'
   proc = subprocess.Popen(
-    _main_command(killed),
+    _main_command(killed, *extra),
     cwd=ROOT,
     env=env,
     stdout=subprocess.DEVNULL,
@@ -342,7 +358,7 @@ def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tmp_path):
   proc.wait()
   assert not (killed / 'results.json').exists()
   rerun = subprocess.run(
-    _main_command(killed),
+    _main_command(killed, *extra),
     cwd=ROOT,
     env=env,
     check=True,
@@ -362,6 +378,11 @@ def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tmp_path):
     for key in ('files', 'model', 'elapsed_s'):
       results.pop(key, None)
   assert a['eval'] == b['eval']
+  if case == 'free_ema_guard':
+    assert 'Evaluating the averaged weights' in rerun.stderr
+    guard = [(straight / 'guard.jsonl').read_text()]
+    guard.append((killed / 'guard.jsonl').read_text())
+    assert guard[0] == guard[1] and guard[0].count('\n') == 2  # Steps 3, 6.
 
 
 def _final_log_line(text):
