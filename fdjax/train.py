@@ -6,6 +6,10 @@ clean start with probability 0.2 per device batch), then trains on the
 adversarial batch with cross-entropy (label smoothing 0.1) plus weight decay
 on the conv and linear kernels, Nesterov momentum SGD, gradients averaged
 across devices and BatchNorm statistics computed per device (or synchronised).
+`config.train.recipe` swaps in TRADES, fast or free adversarial training,
+`train.ema_decay` adds a moving average of the weights and
+`train.guard_every_steps` the catastrophic-overfitting guard
+(`CollapseGuard`); see `fdjax.recipes`.
 
 `train_and_evaluate(config, workdir)` runs the whole job: it resumes from the
 newest checkpoint in `workdir` (same data order and randomness as an
