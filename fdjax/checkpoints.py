@@ -429,7 +429,9 @@ def restore_newest(
   )
 
 
-def load_variables(workdir: str, step: int | None = None):
+def load_variables(
+  workdir: str, step: int | None = None, *, use_ema: bool = False
+):
   """Loads the model variables and meta of a workdir's newest good checkpoint.
 
   Works on training workdirs and on `fdjax.convert` outputs alike, and on
@@ -439,6 +441,8 @@ def load_variables(workdir: str, step: int | None = None):
   Args:
     workdir: a directory with a `checkpoints/` subdirectory.
     step: the step to load (it must verify); None for the newest good one.
+    use_ema: load the weights' moving average ('ema_params' and
+      'ema_batch_stats', `train.ema_decay`) when the checkpoint has one.
 
   Returns:
     (variables, meta, step) with variables = {'params', 'batch_stats'} as
@@ -478,6 +482,12 @@ def load_variables(workdir: str, step: int | None = None):
     'params': state['params'],
     'batch_stats': state.get('batch_stats', {}),
   }
+  if use_ema and jax.tree.leaves(state.get('ema_params', {})):
+    variables = {
+      'params': state['ema_params'],
+      'batch_stats': state.get('ema_batch_stats', {}),
+    }
+    logging.info('Using the moving average of the weights (eval.use_ema)')
   variables = jax.tree.map(np.asarray, variables)
   logging.info('Loaded variables from %s at step %s', workdir, step)
   return variables, meta, step
@@ -490,7 +500,9 @@ def load_model(
 
   The model settings come from the checkpoint's meta['model'] (training
   runs and `fdjax.convert` outputs store them) and otherwise from
-  `config.model` with the eval dataset's class count.
+  `config.model` with the eval dataset's class count. The variables are the
+  weights' moving average when the checkpoint has one and
+  `config.eval.use_ema` (default True) allows it.
 
   Args:
     config: an fdjax config.
@@ -502,7 +514,8 @@ def load_model(
   Raises:
     FileNotFoundError: no checkpoint in the workdir.
   """
-  variables, meta, step = load_variables(workdir)
+  use_ema = bool(config.get('eval', {}).get('use_ema', True))
+  variables, meta, step = load_variables(workdir, use_ema=use_ema)
   if meta.get('model'):
     model = models.create_model(**dict(meta['model']))
     logging.info('Model from the checkpoint: %s', meta['model'])

@@ -24,6 +24,7 @@ from fdjax import layers
 from fdjax import models
 from fdjax import parallel
 from fdjax import preprocess
+from fdjax import recipes
 from fdjax.attacks import ensemble as autoattack
 
 PAPER_EPSILON = attacks.PAPER_EPSILON  # 16 on the 0..255 scale.
@@ -94,6 +95,25 @@ def train_config() -> ml_collections.ConfigDict:
       log_every_steps=50,
       checkpoint_every_steps=1000,
       max_checkpoints=3,
+      # Recipes (fdjax/recipes.py): 'pgd' (the paper's, config.attack),
+      # 'fast' (FGSM from a random start, Wong et al. 2020), 'free'
+      # (Shafahi et al. 2019), 'trades' (Zhang et al. 2019).
+      recipe='pgd',
+      trades_beta=6.0,  # TRADES' KL weight.
+      fast_step_multiple=1.25,  # fast: FGSM step = this * attack.epsilon.
+      free_replays=4,  # free: m optimizer updates per batch.
+      # Moving average of params and BN statistics; 0 = off. Evaluation
+      # uses it (eval.use_ema).
+      ema_decay=0.0,
+      ema_start_step=0,  # before it the average copies the weights.
+      # Catastrophic-overfitting guard: every N steps (0 = off), clean, FGSM
+      # and PGD accuracy on the first guard_num_examples training examples;
+      # a collapse is PGD accuracy guard_max_drop below its best.
+      guard_every_steps=0,
+      guard_num_examples=128,
+      guard_pgd_steps=10,
+      guard_max_drop=0.2,
+      guard_action='warn',  # 'warn' | 'stop' | 'rollback' (and stop).
     )
   )
 
@@ -139,6 +159,7 @@ def eval_config() -> ml_collections.ConfigDict:
       # Black-box scoring (fdjax.attack_set): directories of adversarial
       # sets (--mode=attack outputs, or PNGs + labels.csv from other tools)
       # of this eval split; accuracy per set and all-or-nothing with clean.
+      use_ema=True,  # evaluate train.ema_decay's average when there is one.
       adversarial_sets=(),
     )
   )
@@ -355,6 +376,17 @@ def validate_train(tc: ml_collections.ConfigDict) -> None:
   _number('train.label_smoothing', tc.label_smoothing, 0.0, 1.0)
   _number('train.weight_decay', tc.weight_decay, 0.0)
   _number('train.warmup_epochs', tc.warmup_epochs, 0.0)
+  check_choice('train.recipe', tc.recipe, attacks.RECIPES)
+  _number('train.trades_beta', tc.trades_beta, 0.0)
+  _number('train.fast_step_multiple', tc.fast_step_multiple, 0.0, low_open=True)
+  _int('train.free_replays', tc.free_replays, 1)
+  _number('train.ema_decay', tc.ema_decay, 0.0, 1.0, high_open=True)
+  _int('train.ema_start_step', tc.ema_start_step, 0)
+  _int('train.guard_every_steps', tc.guard_every_steps, 0)
+  for name in ('guard_num_examples', 'guard_pgd_steps'):
+    _int(f'train.{name}', tc[name], 1)
+  _number('train.guard_max_drop', tc.guard_max_drop, 0.0, 1.0, low_open=True)
+  check_choice('train.guard_action', tc.guard_action, recipes.GUARD_ACTIONS)
 
 
 def validate_attack_set(c: ml_collections.ConfigDict) -> None:
@@ -461,6 +493,7 @@ def resolve_eval_config(
     isinstance(d, str) and d for d in tuple(sets or ())
   ):
     _fail('eval.adversarial_sets', sets, 'a tuple of directories')
+  check_choice('eval.use_ema', c.use_ema, (True, False))
   channels = tuple(c.figure_channels)
   if not all(_is_int(ch) and ch >= 0 for ch in channels):
     _fail(

@@ -6,6 +6,10 @@ clean start with probability 0.2 per device batch), then trains on the
 adversarial batch with cross-entropy (label smoothing 0.1) plus weight decay
 on the conv and linear kernels, Nesterov momentum SGD, gradients averaged
 across devices and BatchNorm statistics computed per device (or synchronised).
+`config.train.recipe` swaps in TRADES, fast or free adversarial training,
+`train.ema_decay` adds a moving average of the weights and
+`train.guard_every_steps` the catastrophic-overfitting guard
+(`CollapseGuard`); see `fdjax.recipes`.
 
 `train_and_evaluate(config, workdir)` runs the whole job: it resumes from the
 newest checkpoint in `workdir` (same data order and randomness as an
@@ -37,6 +41,7 @@ from fdjax import input_pipeline
 from fdjax import models
 from fdjax import parallel
 from fdjax import preprocess
+from fdjax import recipes
 from fdjax import workdir as workdir_lib
 from fdjax import writers
 
@@ -52,16 +57,50 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   rng: jax.Array  # Raw key data (uint32), so that checkpoints can hold it.
+  # The weights' moving average (`train.ema_decay` > 0), else {}.
+  ema_params: Any = flax.struct.field(default_factory=dict)
+  ema_batch_stats: Any = flax.struct.field(default_factory=dict)
+  # Free AT's perturbation [global batch, H, W, C], sharded over 'data' like
+  # the batch (`train.recipe='free'`), else {}.
+  free_delta: Any = flax.struct.field(default_factory=dict)
 
   @property
   def variables(self):
     return {'params': self.params, 'batch_stats': self.batch_stats}
+
+  @property
+  def has_ema(self) -> bool:
+    return bool(jax.tree.leaves(self.ema_params))
+
+  @property
+  def ema_variables(self):
+    """The averaged variables; the raw ones when there is no average."""
+    if not self.has_ema:
+      return self.variables
+    return {'params': self.ema_params, 'batch_stats': self.ema_batch_stats}
+
+
+def state_specs() -> TrainState:
+  """The train state's partition specs: replicated but free AT's delta."""
+  return TrainState(
+    step=P(),
+    params=P(),
+    batch_stats=P(),
+    opt_state=P(),
+    rng=P(),
+    ema_params=P(),
+    ema_batch_stats=P(),
+    free_delta=P(parallel.AXIS),
+  )
 
 
 def create_learning_rate_fn(
   train_config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.Schedule:
   """The learning rate: base * batch / 256, linear warmup, step or cosine.
+
+  A schedule of optimizer updates: free AT (`train.recipe='free'`) makes
+  `train.free_replays` per step, over the same epochs.
 
   Args:
     train_config: the config's `train` section.
@@ -78,7 +117,11 @@ def create_learning_rate_fn(
     'train.lr_schedule', tc.lr_schedule, config_base.LR_SCHEDULES
   )
   peak = tc.base_lr * tc.global_batch_size / 256
-  total = total_steps(tc, steps_per_epoch)
+  # Free AT makes several optimizer updates per step: the schedule is one of
+  # updates, over the same epochs.
+  replays = updates_per_step(tc)
+  total = total_steps(tc, steps_per_epoch) * replays
+  steps_per_epoch *= replays
   warmup = int(round(tc.warmup_epochs * steps_per_epoch))
   warmup = min(warmup, max(total - 1, 0))
   if tc.lr_schedule == 'step':
@@ -95,6 +138,13 @@ def create_learning_rate_fn(
   start = min(tc.warmup_start_lr, peak)
   ramp = optax.linear_schedule(start, peak, warmup)
   return optax.join_schedules([ramp, main], [warmup])
+
+
+def updates_per_step(train_config) -> int:
+  """Optimizer updates per train step: free AT's replays, else 1."""
+  if train_config.get('recipe', 'pgd') == 'free':
+    return int(train_config.free_replays)
+  return 1
 
 
 def total_steps(train_config, steps_per_epoch: int) -> int:
@@ -128,19 +178,39 @@ def create_train_state(
   model: models.ResNet,
   image_shape: tuple[int, ...],
   tx: optax.GradientTransformation,
+  ema: bool = False,
+  free_batch_size: int = 0,
 ) -> TrainState:
-  """Initialises parameters, BatchNorm statistics and optimizer state."""
+  """Initialises parameters, BatchNorm statistics and optimizer state.
+
+  Args:
+    key: the run's key.
+    model: the network.
+    image_shape: (H, W, C).
+    tx: the optimizer.
+    ema: also hold a moving average of the variables (starting at them).
+    free_batch_size: > 0 for free AT: its zero perturbation of the global
+      batch, [free_batch_size, H, W, C].
+  """
   init_key, state_key = jax.random.split(key)
   variables = model.init(
     init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False
   )
   params = variables['params']
+  batch_stats = variables.get('batch_stats', {})
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
-    batch_stats=variables.get('batch_stats', {}),
+    batch_stats=batch_stats,
     opt_state=tx.init(params),
     rng=jax.random.key_data(state_key),
+    ema_params=jax.tree.map(jnp.copy, params) if ema else {},
+    ema_batch_stats=jax.tree.map(jnp.copy, batch_stats) if ema else {},
+    free_delta=(
+      jnp.zeros((free_batch_size, *image_shape), jnp.float32)
+      if free_batch_size
+      else {}
+    ),
   )
 
 
@@ -152,33 +222,50 @@ def train_step(
   tx: optax.GradientTransformation,
   learning_rate_fn: optax.Schedule,
   num_classes: int,
-  attack: attacks.PGDAttack | None,
+  attack: Any,
   clean_start_prob: float = 0.2,
   label_smoothing: float = 0.1,
   weight_decay: float = 1e-4,
   adv_fraction: float = 1.0,
   log_clean_accuracy: bool = True,
+  recipe: str = 'pgd',
+  trades_beta: float = 6.0,
+  free_replays: int = 4,
+  free_epsilon: float = 0.0,
+  free_norm: str = 'linf',
+  ema_decay: float = 0.0,
+  ema_start_step: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One adversarial training step on one device's shard (per-device code).
 
-  Run it through `parallel.data_parallel` (axis 'data'): gradients and the
-  BatchNorm moving averages are averaged over the axis, metrics summed.
+  Run it through `parallel.data_parallel` (axis 'data', state specs
+  `state_specs()`): gradients and the BatchNorm moving averages are averaged
+  over the axis, metrics summed.
 
   Args:
-    state: the replicated train state.
+    state: the replicated train state (free AT's delta: this device's part).
     batch: this device's {'image', 'label', 'index'} (global example ids).
     model: the network.
     tx: the optimizer.
-    learning_rate_fn: for the logged learning rate.
+    learning_rate_fn: for the logged learning rate (of optimizer updates:
+      free AT makes `free_replays` per step).
     num_classes: classifier outputs.
-    attack: the training attack (`fdjax.attacks.from_config`), or None to
-      train on clean images.
+    attack: the training attack (`fdjax.attacks.training_attack`), or None
+      to train on clean images (or for free AT).
     clean_start_prob: probability of a clean start, one coin per device
-      batch and step (the original's 0.2).
+      batch and step (the original's 0.2; the fast recipe uses 0).
     label_smoothing: of the training cross-entropy.
     weight_decay: times sum(w^2) / 2 over conv and linear kernels.
-    adv_fraction: the fraction of each device batch that is adversarial.
+    adv_fraction: the fraction of each device batch that is adversarial
+      ('pgd' and 'fast').
     log_clean_accuracy: also measure clean accuracy (an extra forward pass).
+    recipe: 'pgd', 'fast', 'trades' or 'free' (`fdjax.recipes`).
+    trades_beta: TRADES' KL weight.
+    free_replays: free AT's m (optimizer updates per batch).
+    free_epsilon: free AT's ball radius (and perturbation step).
+    free_norm: free AT's norm.
+    ema_decay: the weights' moving average decay (0: none in the state).
+    ema_start_step: steps before it copy the weights.
 
   Returns:
     The new state and a dict of metrics summed over devices (`count` holds
@@ -189,6 +276,8 @@ def train_step(
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   attack_key, target_key, coin_key = jax.random.split(key, 3)
   device_index = jax.lax.axis_index(parallel.AXIS)
+  one_hot = jax.nn.one_hot(labels, num_classes)
+  targets = optax.smooth_labels(one_hot, label_smoothing)
 
   # The attack sees the model in inference mode: moving BN statistics, no
   # updates (the original froze BN's update ops during the attack).
@@ -208,38 +297,87 @@ def train_step(
       random_start=random_start,
       target_key=target_key,
     )
-    if adv_fraction < 1.0:
+    if adv_fraction < 1.0 and recipe != 'trades':
       num_adv = int(round(adv_fraction * images.shape[0]))
       keep = (jnp.arange(images.shape[0]) < num_adv)[:, None, None, None]
       adv = jnp.where(keep, adv, images)
   else:
     attack_labels, adv = labels, images
 
-  def loss_fn(params):
-    logits, new_model_state = model.apply(
-      {'params': params, 'batch_stats': state.batch_stats},
-      adv,
-      train=True,
-      mutable=['batch_stats'],
-    )
-    one_hot = jax.nn.one_hot(labels, num_classes)
-    targets = optax.smooth_labels(one_hot, label_smoothing)
-    xent = optax.softmax_cross_entropy(logits, targets).mean()
-    loss = xent + weight_decay * weight_decay_loss(params)
-    return loss, (logits, new_model_state['batch_stats'], xent)
+  def loss_fn(params, batch_stats, x):
+    variables = {'params': params, 'batch_stats': batch_stats}
+    aux = {}
+    if recipe == 'trades':
+      clean_logits, new_model_state = model.apply(
+        variables, images, train=True, mutable=['batch_stats']
+      )
+      logits, new_model_state = model.apply(
+        {'params': params, **new_model_state},
+        x,
+        train=True,
+        mutable=['batch_stats'],
+      )
+      data_loss, xent, aux['kl'] = recipes.trades_loss(
+        clean_logits, logits, targets, trades_beta
+      )
+    else:
+      logits, new_model_state = model.apply(
+        variables, x, train=True, mutable=['batch_stats']
+      )
+      xent = optax.softmax_cross_entropy(logits, targets).mean()
+      data_loss = xent
+    loss = data_loss + weight_decay * weight_decay_loss(params)
+    return loss, (logits, new_model_state['batch_stats'], xent, aux)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   # Per-device gradients (the replicated parameters seen as varying), then
   # averaged explicitly: under shard_map's check_vma, the gradient of the
   # replicated parameters themselves would already be summed.
-  params = jax.lax.pcast(state.params, parallel.AXIS, to='varying')
-  (loss, (logits, batch_stats, xent)), grads = grad_fn(params)
-  grads = jax.lax.pmean(grads, parallel.AXIS)
-  # Per-device statistics normalise each shard (the original); the moving
-  # averages are averaged so that the state stays replicated.
-  batch_stats = jax.lax.pmean(batch_stats, parallel.AXIS)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  def update(params, opt_state, batch_stats, x):
+    """One optimizer update on inputs x; also d loss / d x (free AT)."""
+    varying = jax.lax.pcast(params, parallel.AXIS, to='varying')
+    if recipe == 'free':
+      grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 2), has_aux=True)
+      (loss, aux), (grads, input_grad) = grad_fn(varying, batch_stats, x)
+    else:  # No input gradient: the paper's step costs what it did.
+      grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+      (loss, aux), grads = grad_fn(varying, batch_stats, x)
+      input_grad = None
+    grads = jax.lax.pmean(grads, parallel.AXIS)
+    # Per-device statistics normalise each shard (the original); the moving
+    # averages are averaged so that the state stays replicated.
+    new_stats = jax.lax.pmean(aux[1], parallel.AXIS)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, new_stats, loss, aux, grads, input_grad
+
+  if recipe == 'free':
+    # Shafahi et al.: m replays of the batch, each one optimizer update on
+    # x + delta and, from the same backward pass, delta's signed ascent.
+    def replay(carry):
+      params, opt_state, batch_stats, delta = carry
+      x = jnp.clip(images + delta, 0.0, 1.0)
+      params, opt_state, batch_stats, loss, aux, grads, input_grad = update(
+        params, opt_state, batch_stats, x
+      )
+      delta = recipes.free_perturbation_update(
+        delta, input_grad, free_epsilon, free_norm
+      )
+      return (params, opt_state, batch_stats, delta), (loss, aux, grads, x)
+
+    carry = (state.params, state.opt_state, state.batch_stats, state.free_delta)
+    carry = jax.lax.fori_loop(
+      0, free_replays - 1, lambda _, c: replay(c)[0], carry
+    )
+    # The last replay's outputs give the metrics.
+    (params, opt_state, batch_stats, delta), (loss, aux, grads, adv) = replay(
+      carry
+    )
+  else:
+    params, opt_state, batch_stats, loss, aux, grads, _ = update(
+      state.params, state.opt_state, state.batch_stats, adv
+    )
+    delta = state.free_delta
+  logits, _, xent, extra = aux
 
   pred = jnp.argmax(logits, -1)
   count = jnp.asarray(labels.shape[0], jnp.float32)
@@ -249,17 +387,21 @@ def train_step(
     'xent': xent * count,
     'adv_accuracy': jnp.sum(pred == labels).astype(jnp.float32),
   }
+  metrics.update({k: v * count for k, v in extra.items()})
   if attack is not None and attack.targeted:
     metrics['attack_success'] = jnp.sum(pred == attack_labels).astype(
       jnp.float32
     )
-  if log_clean_accuracy and attack is not None:
+  if log_clean_accuracy and (attack is not None or recipe == 'free'):
     clean_pred = jnp.argmax(logits_fn(images), -1)
     metrics['clean_accuracy'] = jnp.sum(clean_pred == labels).astype(
       jnp.float32
     )
   metrics = jax.lax.psum(metrics, parallel.AXIS)
-  metrics['learning_rate'] = learning_rate_fn(state.step)
+  updates_per_step = free_replays if recipe == 'free' else 1
+  metrics['learning_rate'] = learning_rate_fn(
+    state.step * updates_per_step + updates_per_step - 1
+  )
   metrics['grad_norm'] = optax.global_norm(grads)
   metrics['param_norm'] = optax.global_norm(params)
   new_state = state.replace(
@@ -267,7 +409,21 @@ def train_step(
     params=params,
     batch_stats=batch_stats,
     opt_state=opt_state,
+    free_delta=delta,
   )
+  if ema_decay > 0:
+    new_state = new_state.replace(
+      ema_params=recipes.ema_update(
+        state.ema_params, params, state.step, ema_decay, ema_start_step
+      ),
+      ema_batch_stats=recipes.ema_update(
+        state.ema_batch_stats,
+        batch_stats,
+        state.step,
+        ema_decay,
+        ema_start_step,
+      ),
+    )
   return new_state, metrics
 
 
@@ -278,8 +434,8 @@ def make_train_step(
   return parallel.jit_data_parallel(
     functools.partial(train_step, **step_kwargs),
     mesh=mesh,
-    in_specs=(P(), P(parallel.AXIS)),
-    out_specs=(P(), P()),
+    in_specs=(state_specs(), P(parallel.AXIS)),
+    out_specs=(state_specs(), P()),
     backend=backend,
     donate_argnums=0,
   )
@@ -359,7 +515,16 @@ def train_and_evaluate(
   _check(config, train_source)
   with workdir_lib.lock(workdir):  # Training and its evaluation.
     model, state, mesh, last = train(config, workdir, train_source=train_source)
-    variables = jax.device_get(state.variables)
+    use_ema = config_base.resolve_eval_config(config.eval).use_ema
+    variables = jax.device_get(
+      state.ema_variables if use_ema else state.variables
+    )
+    if state.has_ema:
+      logging.info(
+        'Evaluating the %s weights (eval.use_ema=%s)',
+        'averaged' if use_ema else 'raw',
+        use_ema,
+      )
     results = evaluate.evaluate(
       model,
       variables,
@@ -446,14 +611,21 @@ def _train(config, workdir, *, train_source):
   workdir_lib.check_and_record(config, workdir)
 
   replicated = jax.sharding.NamedSharding(mesh, P())
+  sharded = jax.sharding.NamedSharding(mesh, P(parallel.AXIS))
+  shardings = jax.tree.map(
+    lambda spec: sharded if spec == P(parallel.AXIS) else replicated,
+    state_specs(),
+  )
   init = jax.jit(
     functools.partial(
       create_train_state,
       model=model,
       image_shape=info.image_shape,
       tx=tx,
+      ema=tc.ema_decay > 0,
+      free_batch_size=tc.global_batch_size if tc.recipe == 'free' else 0,
     ),
-    out_shardings=replicated,
+    out_shardings=shardings,
   )
   state = init(jax.random.key(config.seed))
   logging.info(
@@ -462,7 +634,7 @@ def _train(config, workdir, *, train_source):
   manager = checkpoints.create_manager(workdir, max_to_keep=tc.max_checkpoints)
   meta = {'model': models.model_kwargs(config.model, num_classes)}
   abstract = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
     state,
   )
   # The newest checkpoint that restores and verifies; damaged newer ones
@@ -480,13 +652,13 @@ def _train(config, workdir, *, train_source):
     tx=tx,
     learning_rate_fn=learning_rate_fn,
     num_classes=num_classes,
-    attack=attacks.from_config(config.attack, num_classes),
-    clean_start_prob=float(config.attack.clean_start_prob),
+    **recipe_step_kwargs(config, num_classes),
     label_smoothing=float(tc.label_smoothing),
     weight_decay=float(tc.weight_decay),
     adv_fraction=float(tc.adv_fraction),
     log_clean_accuracy=bool(tc.log_clean_accuracy),
   )
+  guard = CollapseGuard(config, workdir, model, start_step, train_source)
   writer = writers.MetricWriter(workdir, enabled=is_main, start_step=start_step)
   train_iter = input_pipeline.create_train_iter(
     config.data,
@@ -510,7 +682,13 @@ def _train(config, workdir, *, train_source):
   last = {}
   pending = []
   timer_step, timer_start = start_step, time.perf_counter()
-  for step in range(start_step, num_steps):
+  if guard.stopped:
+    logging.warning(
+      'The catastrophic-overfitting guard stopped this run before (%s); '
+      'not training further (remove it to continue).',
+      guard.collapse_path,
+    )
+  for step in range(start_step, 0 if guard.stopped else num_steps):
     batch = next(train_iter)
     batch = _global_batch(
       {k: batch[k] for k in ('image', 'label', 'index')}, mesh, backend
@@ -521,7 +699,10 @@ def _train(config, workdir, *, train_source):
     done = step + 1
     is_log = done % tc.log_every_steps == 0 or done == num_steps
     is_ckpt = done % tc.checkpoint_every_steps == 0 or done == num_steps
-    if not (is_log or is_ckpt):
+    is_guard = guard.is_check(done)
+    # Rollback needs a checkpoint at every healthy check.
+    is_ckpt |= is_guard and tc.guard_action == 'rollback'
+    if not (is_log or is_ckpt or is_guard):
       continue
     history = jax.device_get(pending)
     pending = []
@@ -533,11 +714,18 @@ def _train(config, workdir, *, train_source):
           manager,
           workdir,
         )
-    if is_ckpt:
+    collapse = guard.check(done, state) if is_guard else None
+    if collapse is not None and tc.guard_action == 'rollback':
+      state = guard.rollback(manager, state, collapse)
+      break
+    if is_ckpt or (collapse is not None and tc.guard_action == 'stop'):
       try:  # Refuses a non-finite state (e.g. the optimizer's).
         checkpoints.save(manager, done, state, meta)
       except FloatingPointError as e:
         raise _non_finite_error(str(e), manager, workdir) from None
+    if collapse is not None and tc.guard_action == 'stop':
+      guard.record_stop(collapse)
+      break
     if is_log:
       elapsed = time.perf_counter() - timer_start
       images_per_s = (done - timer_step) * tc.global_batch_size / elapsed
@@ -564,6 +752,183 @@ def _train(config, workdir, *, train_source):
 
   writer.close()
   return model, state, mesh, last
+
+
+def recipe_step_kwargs(
+  config: ml_collections.ConfigDict, num_classes: int
+) -> dict[str, Any]:
+  """`train_step`'s recipe arguments, resolved from a config."""
+  tc, ac = config.train, config.attack
+  return dict(
+    attack=attacks.training_attack(
+      ac,
+      num_classes,
+      tc.recipe,
+      fast_step_multiple=float(tc.fast_step_multiple),
+    ),
+    # Fast AT always starts at random (Wong et al.); TRADES has its own.
+    clean_start_prob=(
+      float(ac.clean_start_prob) if tc.recipe == 'pgd' else 0.0
+    ),
+    recipe=str(tc.recipe),
+    trades_beta=float(tc.trades_beta),
+    free_replays=int(tc.free_replays),
+    free_epsilon=float(ac.epsilon),
+    free_norm=str(ac.norm),
+    ema_decay=float(tc.ema_decay),
+    ema_start_step=int(tc.ema_start_step),
+  )
+
+
+class CollapseGuard:
+  """The catastrophic-overfitting guard of a training run (`fdjax.recipes`).
+
+  Every `train.guard_every_steps` steps it measures clean, FGSM and PGD
+  accuracy of the current (raw) weights on the first
+  `train.guard_num_examples` training examples (eval preprocessing; as Wong
+  et al.'s early stopping, a fixed batch of training data) and appends them
+  to `workdir/guard.jsonl`. A collapse (`recipes.find_collapse`) is logged
+  as an error and, by `train.guard_action`, training goes on ('warn'),
+  stops there ('stop') or returns to the newest checkpoint at or before the
+  last check before the collapse and stops ('rollback', deleting the later
+  checkpoints). A stopped run writes `workdir/guard_collapse.json`; rerunning
+  it evaluates without training further.
+  """
+
+  def __init__(self, config, workdir, model, start_step, train_source=None):
+    tc = config.train
+    self.every = int(tc.guard_every_steps)
+    self.max_drop = float(tc.guard_max_drop)
+    self.action = tc.guard_action
+    self.workdir = workdir
+    self.path = os.path.join(workdir, 'guard.jsonl')
+    self.collapse_path = os.path.join(workdir, 'guard_collapse.json')
+    self.is_main = jax.process_index() == 0
+    self.stopped = self.every > 0 and os.path.exists(self.collapse_path)
+    self.collapse = None
+    self.history = []
+    if self.every <= 0:
+      return
+    if os.path.exists(self.path):  # Resumed: the checks made so far.
+      with open(self.path) as f:
+        self.history = [json.loads(line) for line in f if line.strip()]
+      self.history = [h for h in self.history if h['step'] <= start_step]
+      if self.is_main:
+        self._write_all()
+    self.collapse = recipes.find_collapse(self.history, self.max_drop)
+    source = train_source
+    if source is None:
+      source = data.get_source(config.data, config.data.train_split)
+    n = min(int(tc.guard_num_examples), len(source))
+    batch = next(
+      input_pipeline.create_eval_iter(
+        config.data,
+        global_batch_size=n,
+        process_index=0,
+        process_count=1,
+        source=source,
+        num_examples=n,
+      )
+    )
+    self.images = preprocess.to_unit_float(jnp.asarray(batch['image']))
+    self.labels = jnp.asarray(batch['label'])
+    self.key = jax.random.fold_in(jax.random.key(config.seed), 0x9A4D)
+
+    def accuracies(variables, key, images, labels):
+      return recipes.guard_accuracies(
+        lambda x: model.apply(variables, x, train=False),
+        key,
+        images,
+        labels,
+        epsilon=float(config.attack.epsilon),
+        pgd_steps=int(tc.guard_pgd_steps),
+        norm=str(config.attack.norm),
+      )
+
+    self._accuracies = jax.jit(accuracies)
+
+  def is_check(self, done: int) -> bool:
+    return self.every > 0 and done % self.every == 0
+
+  def _write_all(self):
+    with open(self.path, 'w') as f:
+      for h in self.history:
+        f.write(json.dumps(h) + '\n')
+
+  def measure(self, state: TrainState) -> dict[str, float]:
+    """{'clean', 'fgsm', 'pgd'} accuracies of the raw weights."""
+    acc = self._accuracies(state.variables, self.key, self.images, self.labels)
+    return {k: float(v) for k, v in jax.device_get(acc).items()}
+
+  def check(self, done: int, state: TrainState) -> dict[str, Any] | None:
+    """Measures; returns the collapse if this check shows it first."""
+    entry = {'step': done, **self.measure(state)}
+    self.history.append(entry)
+    if self.is_main:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(entry) + '\n')
+    logging.info(
+      'guard step %d: clean %.3f  FGSM %.3f  PGD %.3f (fixed training batch)',
+      done,
+      entry['clean'],
+      entry['fgsm'],
+      entry['pgd'],
+    )
+    if self.collapse is not None:
+      return None
+    self.collapse = recipes.find_collapse(self.history, self.max_drop)
+    if self.collapse is None:
+      return None
+    c = self.collapse
+    logging.error(
+      'CATASTROPHIC OVERFITTING at step %d: PGD accuracy %.3f fell more than '
+      '%.2f below its best %.3f (step %d) while FGSM accuracy is %.3f; '
+      'train.guard_action=%r.',
+      done,
+      c['pgd'],
+      self.max_drop,
+      c['best_pgd'],
+      c['best_step'],
+      c['fgsm'],
+      self.action,
+    )
+    return c
+
+  def record_stop(self, collapse: dict[str, Any], **extra) -> None:
+    self.stopped = True
+    if self.is_main:
+      with open(self.collapse_path, 'w') as f:
+        json.dump(dict(collapse, action=self.action, **extra), f, indent=2)
+
+  def rollback(self, manager, state: TrainState, collapse) -> TrainState:
+    """Restores the newest checkpoint at or before the last healthy check."""
+    manager.wait_until_finished()
+    checks = [h['step'] for h in self.history if h['step'] < collapse['step']]
+    healthy = max(checks) if checks else 0
+    steps = [s for s in manager.all_steps() if s <= healthy]
+    if not steps:
+      logging.error(
+        'No checkpoint at or before step %d to roll back to; stopping at '
+        'step %d instead.',
+        healthy,
+        collapse['step'],
+      )
+      self.record_stop(collapse, rolled_back_to=None)
+      return state
+    target = max(steps)
+    for s in manager.all_steps():
+      if s > target:
+        manager.delete(s)
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      state,
+    )
+    state, _ = checkpoints.restore(manager, target, target=abstract)
+    logging.error(
+      'Rolled back to the checkpoint of step %d and stopped.', int(target)
+    )
+    self.record_stop(collapse, rolled_back_to=int(target))
+    return state
 
 
 def summarize(history: list[dict[str, Any]]) -> dict[str, float]:

@@ -17,7 +17,6 @@ import numpy as np
 import optax
 import pytest
 
-from fdjax import attacks
 from fdjax import checkpoints
 from fdjax import config_base
 from fdjax import data
@@ -74,8 +73,14 @@ def run_steps(config, mesh, backend, num_steps=2, source=None):
   model = models.from_config(config.model, info.num_classes)
   lr_fn = train.create_learning_rate_fn(config.train, 4)
   tx = train.create_optimizer(config.train, lr_fn)
+  tc = config.train
   state = train.create_train_state(
-    jax.random.key(0), model=model, image_shape=info.image_shape, tx=tx
+    jax.random.key(0),
+    model=model,
+    image_shape=info.image_shape,
+    tx=tx,
+    ema=tc.ema_decay > 0,
+    free_batch_size=tc.global_batch_size if tc.recipe == 'free' else 0,
   )
   step = train.make_train_step(
     mesh,
@@ -84,8 +89,7 @@ def run_steps(config, mesh, backend, num_steps=2, source=None):
     tx=tx,
     learning_rate_fn=lr_fn,
     num_classes=info.num_classes,
-    attack=attacks.from_config(config.attack, info.num_classes),
-    clean_start_prob=config.attack.clean_start_prob,
+    **train.recipe_step_kwargs(config, info.num_classes),
     label_smoothing=config.train.label_smoothing,
     weight_decay=config.train.weight_decay,
   )
@@ -310,11 +314,27 @@ def _env(num_devices=8, cache_dir=None):
   return env
 
 
-def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tmp_path):
+# The paper's recipe; free AT (its perturbation carried in the state) with
+# the weights' moving average (evaluated) and the overfitting guard.
+RESUME_CASES = {
+  'paper': (),
+  'free_ema_guard': (
+    '--config.train.recipe=free', '--config.train.free_replays=2',
+    '--config.train.ema_decay=0.5', '--config.train.ema_start_step=1',
+    '--config.train.guard_every_steps=3',
+    '--config.train.guard_num_examples=16',
+    '--config.train.guard_pgd_steps=2',
+  ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize('case', list(RESUME_CASES))
+def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tmp_path, case):
+  extra = RESUME_CASES[case]
   env = _env(cache_dir=tmp_path / 'xla_cache')
   straight = tmp_path / 'straight'
   subprocess.run(
-    _main_command(straight),
+    _main_command(straight, *extra),
     cwd=ROOT,
     env=env,
     check=True,
@@ -323,7 +343,7 @@ def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tmp_path):
   )
   killed = tmp_path / 'killed'
   proc = subprocess.Popen(
-    _main_command(killed),
+    _main_command(killed, *extra),
     cwd=ROOT,
     env=env,
     stdout=subprocess.DEVNULL,
@@ -338,7 +358,7 @@ def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tmp_path):
   proc.wait()
   assert not (killed / 'results.json').exists()
   rerun = subprocess.run(
-    _main_command(killed),
+    _main_command(killed, *extra),
     cwd=ROOT,
     env=env,
     check=True,
@@ -358,6 +378,11 @@ def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tmp_path):
     for key in ('files', 'model', 'elapsed_s'):
       results.pop(key, None)
   assert a['eval'] == b['eval']
+  if case == 'free_ema_guard':
+    assert 'Evaluating the averaged weights' in rerun.stderr
+    guard = [(straight / 'guard.jsonl').read_text()]
+    guard.append((killed / 'guard.jsonl').read_text())
+    assert guard[0] == guard[1] and guard[0].count('\n') == 2  # Steps 3, 6.
 
 
 def _final_log_line(text):

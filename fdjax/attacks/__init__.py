@@ -4,7 +4,9 @@
   L2, targeted or untargeted, cross-entropy or CW-margin loss.
 - The paper's protocol (`fdjax.attacks.paper`): `random_targets`,
   `paper_step_size`, `clean_start_coin`, `PGDAttack` and `targeted_pgd`.
-- `from_config` (`fdjax.attacks.factory`): the attack a config describes.
+- `from_config`, `training_attack` (`fdjax.attacks.factory`): the attack a
+  config describes, and the one a training recipe runs.
+- TRADES' KL ascent (`fdjax.attacks.trades`): `trades_pgd`, `kl_divergence`.
 - AutoAttack (Croce & Hein 2020), one module per attack: `fdjax.attacks.apgd`
   (`apgd.apgd`, `apgd_targeted`, `dlr_loss`, `targeted_dlr_loss`),
   `fdjax.attacks.fab` (`fab.fab`, `fab_targeted`), `fdjax.attacks.square`
@@ -26,7 +28,9 @@ from fdjax.attacks.ensemble import AutoAttack
 from fdjax.attacks.ensemble import AutoAttackResult
 from fdjax.attacks.ensemble import autoattack
 from fdjax.attacks.fab import fab_targeted
+from fdjax.attacks.factory import RECIPES
 from fdjax.attacks.factory import from_config
+from fdjax.attacks.factory import training_attack
 from fdjax.attacks.gradient import LOSSES
 from fdjax.attacks.gradient import example_losses
 from fdjax.attacks.gradient import fgsm
@@ -38,6 +42,9 @@ from fdjax.attacks.paper import clean_start_coin
 from fdjax.attacks.paper import paper_step_size
 from fdjax.attacks.paper import random_targets
 from fdjax.attacks.paper import targeted_pgd
+from fdjax.attacks.trades import TradesAttack
+from fdjax.attacks.trades import kl_divergence
+from fdjax.attacks.trades import trades_pgd
 from fdjax.attacks.transfer import TransferAttack
 from fdjax.attacks.transfer import ensemble_apply
 from fdjax.attacks.transfer import ensemble_logits_fn
@@ -69,4 +76,9 @@ __all__ = (
   'ensemble_apply',
   'ensemble_logits_fn',
   'transfer_attack',
+  'RECIPES',
+  'TradesAttack',
+  'kl_divergence',
+  'trades_pgd',
+  'training_attack',
 )
