@@ -71,7 +71,7 @@ def get_config(arg: str | None = None):
 
   if arg == 'small':
     config_base.make_smoke_run(config)
-    config.eval.untargeted_steps = (2,)
+    config.eval.untargeted_steps = ()
     config.eval.autoattack = ''
   elif arg == 'blackbox':
     # Transfer attackers at the white-box epsilon, 10 steps of 0.01; MI by

@@ -218,9 +218,11 @@ def test_shard_map_and_pmap_give_the_same_state(shard_map_run):
     num_steps=3,
     source=digits_source(16),
   )
-  chex.assert_trees_all_close(a.params, b.params, atol=1e-5, rtol=1e-4)
+  # The backends reduce in another order: after 3 steps the float rounding
+  # differs by up to ~2e-5 on some CPU types (BatchNorm scales).
+  chex.assert_trees_all_close(a.params, b.params, atol=5e-5, rtol=1e-4)
   chex.assert_trees_all_close(
-    a.batch_stats, b.batch_stats, atol=1e-5, rtol=1e-4
+    a.batch_stats, b.batch_stats, atol=5e-5, rtol=1e-4
   )
   np.testing.assert_allclose(ma[-1]['loss'], mb[-1]['loss'], rtol=1e-5)
 
