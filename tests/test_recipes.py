@@ -170,7 +170,12 @@ def _recipe_config(recipe):
 
 
 def test_free_at_with_ema_does_not_depend_on_the_device_count():
-  """The sharded free-AT perturbation and the EMA, on 1 and 8 devices."""
+  """The sharded free-AT perturbation and the EMA, on 1 and 8 devices.
+
+  With synchronised BatchNorm statistics a train step must not depend on
+  the device count; free AT's step holds the paper's (forward, backward,
+  BN over 'data', update), so this also keeps that true.
+  """
   config = _recipe_config('free')
   one = test_train.run_steps(
     config, parallel.make_mesh(jax.devices()[:1]), 'shard_map'
