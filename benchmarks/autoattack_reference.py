@@ -7,11 +7,11 @@ fdjax)::
       torch scikit-learn
   /tmp/aa_ref/bin/python benchmarks/autoattack_reference.py --out ref.json
 
-It trains nothing itself: the weights come from tests/digits_mlp.py (the
-same deterministic scikit-learn fit fdjax uses), so both run the same model
-on the same examples. Prints and writes JSON: per-attack robust accuracy
-(cumulative, as AutoAttack runs them), the time of each attack, the total,
-and which attack broke each example.
+It trains nothing itself: the weights come from tests/digits_mlp.py or
+tests/digits_cnn.py (``--model``; committed, the same fdjax uses), so both
+run the same model on the same examples. Prints and writes JSON: per-attack
+robust accuracy (cumulative, as AutoAttack runs them), the time of each
+attack, the total, and which attack broke each example.
 """
 
 import argparse
@@ -25,6 +25,7 @@ from pyautoattack import AutoAttack
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tests'))
+import digits_cnn  # noqa: E402
 import digits_mlp  # noqa: E402
 
 
@@ -38,15 +39,37 @@ class MLP(torch.nn.Module):
     return h @ self.w['w2'] + self.w['b2']
 
 
+class CNN(torch.nn.Module):
+  """tests/digits_cnn.py in torch: HWIO kernels as OIHW, HWC flattening."""
+
+  def __init__(self, w):
+    super().__init__()
+    t = {k: torch.tensor(v) for k, v in w.items()}
+    self.c1, self.c2 = (
+      t[k].permute(3, 2, 0, 1).contiguous() for k in ('c1', 'c2')
+    )
+    self.b1, self.b2, self.w3, self.b3 = t['b1'], t['b2'], t['w3'], t['b3']
+
+  def forward(self, x):
+    f = torch.nn.functional
+    h = f.avg_pool2d(torch.relu(f.conv2d(x, self.c1, self.b1, padding=1)), 2)
+    h = f.avg_pool2d(torch.relu(f.conv2d(h, self.c2, self.b2, padding=1)), 2)
+    return h.permute(0, 2, 3, 1).reshape(len(x), -1) @ self.w3 + self.b3
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--epsilon', type=float, default=0.1)
   parser.add_argument('--norm', default='Linf')
   parser.add_argument('--num_examples', type=int, default=297)
   parser.add_argument('--out', default=None)
+  parser.add_argument('--model', default='mlp', choices=['mlp', 'cnn'])
   args = parser.parse_args()
   torch.set_num_threads(2)
-  model = MLP(digits_mlp.weights()).eval()
+  if args.model == 'mlp':
+    model = MLP(digits_mlp.weights()).eval()
+  else:
+    model = CNN(digits_cnn.weights()).eval()
   _, _, x, y = digits_mlp.data()
   x, y = x[: args.num_examples], y[: args.num_examples]
   xt = torch.tensor(x).permute(0, 3, 1, 2).contiguous()  # NCHW, 1 channel.

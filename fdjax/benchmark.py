@@ -544,15 +544,15 @@ def _progress(row: dict[str, Any]) -> None:
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _digits_mlp():
-  """The tests' digits MLP module (``tests/digits_mlp.py`` of the clone)."""
-  path = os.path.join(_REPO, 'tests', 'digits_mlp.py')
+def _test_module(name: str):
+  """A module of the clone's tests/ (the digits models and their data)."""
+  path = os.path.join(_REPO, 'tests', f'{name}.py')
   if not os.path.exists(path):
     raise app.UsageError(
       '--mode=autoattack runs from a clone of the repository: it uses '
-      f'tests/digits_mlp.py and its committed weights, not found at {path}.'
+      f'tests/{name}.py and its committed weights, not found at {path}.'
     )
-  spec = importlib.util.spec_from_file_location('digits_mlp', path)
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -572,7 +572,7 @@ def _timed_autoattack(aa, params, key, x, y):
   return r, per_attack, time.perf_counter() - start
 
 
-def _reference_autoattack(python, num_examples, epsilon, norm):
+def _reference_autoattack(python, num_examples, epsilon, norm, model):
   """Runs benchmarks/autoattack_reference.py with the reference's venv."""
   script = os.path.join(_REPO, 'benchmarks', 'autoattack_reference.py')
   with tempfile.TemporaryDirectory() as tmp:
@@ -585,6 +585,7 @@ def _reference_autoattack(python, num_examples, epsilon, norm):
         f'--num_examples={num_examples}',
         f'--epsilon={epsilon}',
         f'--norm={"Linf" if norm == "linf" else "L2"}',
+        f'--model={model}',
       ],
       check=True,
       stdout=subprocess.DEVNULL,
@@ -601,18 +602,20 @@ def benchmark_autoattack(
   reference_python: str | None = None,
   scale_points: Sequence[int] = (16, 64, 128, 256),
   scale_batch: int = 64,
+  model: str = 'mlp',
 ) -> str:
   """Times AutoAttack against the reference; returns the printed tables."""
-  mlp = _digits_mlp()
-  w = mlp.weights()
-  _, _, x, y = mlp.data()
+  data_module = _test_module('digits_mlp')
+  net = _test_module(f'digits_{model}')
+  w = net.weights()
+  _, _, x, y = data_module.data()
   x, y = x[:num_examples], y[:num_examples]
   ref = None
   if reference_python:
-    ref = _reference_autoattack(reference_python, len(y), epsilon, norm)
+    ref = _reference_autoattack(reference_python, len(y), epsilon, norm, model)
 
   def logits_fn(p, z):
-    return mlp.logits_fn(p)(z)
+    return net.logits_fn(p)(z)
 
   key = jax.random.key(0)
   aa = attacks.AutoAttack(
@@ -674,7 +677,8 @@ def benchmark_autoattack(
     ]
   )
   lines = [
-    f'AutoAttack standard, {norm} eps {epsilon}, {len(y)} digits (MLP), '
+    f'AutoAttack standard, {norm} eps {epsilon}, {len(y)} digits '
+    f'({model.upper()}), '
     f'batch {len(y)}; reference torch '
     f'{ref["torch"] if ref else "not run (--aa_reference_python)"}',
     _cells_table(cells),
@@ -748,6 +752,9 @@ def _define_flags() -> None:
     '(pyautoattack, torch); unset: fdjax only.',
   )
   flags.DEFINE_integer('aa_num_examples', 297, 'autoattack mode: digits.')
+  flags.DEFINE_enum(
+    'aa_model', 'mlp', ['mlp', 'cnn'], 'autoattack mode: tests/digits_*.py.'
+  )
   flags.DEFINE_float('aa_epsilon', 0.1, 'autoattack mode: epsilon.')
   flags.DEFINE_enum('aa_norm', 'linf', ['linf', 'l2'], 'autoattack mode.')
   flags.DEFINE_list(
@@ -788,6 +795,7 @@ def main(argv: Sequence[str]) -> None:
         norm=flag_values.aa_norm,
         reference_python=flag_values.aa_reference_python,
         scale_points=[int(n) for n in flag_values.aa_scale_points],
+        model=flag_values.aa_model,
       ),
       flush=True,
     )
