@@ -30,15 +30,24 @@ def weights() -> dict[str, np.ndarray]:
     return {k: f[k] for k in NAMES}
 
 
-def logits_fn(w):
-  """x [N, 8, 8, 1] -> logits [N, 10] in JAX."""
+def logits_fn(w, conv_impl: str = 'matmul'):
+  """x [N, 8, 8, 1] -> logits [N, 10] in JAX.
+
+  conv_impl: 'matmul' (`fdjax.layers.conv_as_matmul`, how fdjax's models
+  compute convolutions on CPU) or 'xla' (`lax.conv_general_dilated`).
+  """
   import jax  # The reference's venv has no JAX.
   import jax.numpy as jnp
 
+  from fdjax import layers
+
   def conv(x, k, b):
-    y = jax.lax.conv_general_dilated(
-      x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
-    )
+    if conv_impl == 'matmul':
+      y = layers.conv_as_matmul(x, k)
+    else:
+      y = jax.lax.conv_general_dilated(
+        x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+      )
     return jnp.maximum(y + b, 0.0)
 
   def pool(x):
@@ -74,7 +83,7 @@ def train_weights(steps: int = 400, seed: int = 0) -> dict[str, np.ndarray]:
   opt = tx.init(w)
 
   def loss(w):
-    logits = logits_fn(w)(x)
+    logits = logits_fn(w, 'xla')(x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   @jax.jit
