@@ -732,3 +732,44 @@ def table_columns(
       'success': int(np.sum(c['success'])),
     }
   return cols
+
+
+def read_for_eval(ec, dc, source, total):
+  """`eval.adversarial_sets`, checked against the first `total` examples."""
+  if not ec.adversarial_sets:
+    return []
+  labels = data.labels(source, total)
+  fields = {k: dc.get(k) for k in ('name', 'eval_split', 'image_size')}
+  return read_sets(tuple(ec.adversarial_sets), labels, dc.image_size, fields)
+
+
+def add_to_results(results, cols, sets, scored) -> None:
+  """The sets' rows and columns; all-or-nothing with clean and every set."""
+  names = [f'set.{s.name}' for s in sets]
+  for s, name in zip(sets, names):
+    for k, v in scored[s.name].items():
+      cols[f'{name}.{k}'] = v
+  results['attacks'].update(table_columns(sets, scored))
+  clean = cols['clean_correct'].astype(bool)
+  blackbox = clean.copy()
+  for name in names:
+    blackbox &= cols[f'{name}.correct']
+  robust = blackbox.copy()
+  previous = (results.get('all_or_nothing') or {}).get('attacks', [])
+  for name in previous:
+    if name == 'autoattack':
+      robust &= cols['autoattack.broken_by'] == -1
+    elif name != 'clean':
+      robust &= cols[f'{name}.correct'].astype(bool)
+  results['all_or_nothing'] = {
+    'attacks': ['clean'] + [n for n in previous if n != 'clean'] + names,
+    'accuracy': float(np.mean(robust)),
+    'correct': int(np.sum(robust)),
+  }
+  results['adversarial_sets'] = {
+    'sets': names,
+    'all_or_nothing': {
+      'accuracy': float(np.mean(blackbox)),
+      'correct': int(np.sum(blackbox)),
+    },
+  }

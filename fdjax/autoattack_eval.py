@@ -58,10 +58,6 @@ class _SourceImages:
     return np.stack([self._fn(self._source[int(i)]['image']) for i in idx])
 
 
-def _labels(source: data.Source, total: int) -> np.ndarray:
-  return np.asarray([int(source[i]['label']) for i in range(total)], np.int64)
-
-
 def _read_log(path: str) -> dict[str, list[list[int]]]:
   done: dict[str, list[list[int]]] = {}
   if not os.path.exists(path):
@@ -162,7 +158,7 @@ def evaluate_autoattack(
   if resumed:
     logging.info('AutoAttack resumes after %d finished batches', resumed)
 
-  images, labels = _SourceImages(dc, source, total), _labels(source, total)
+  images, labels = _SourceImages(dc, source, total), data.labels(source, total)
   clock = {'start': time.perf_counter(), 'attack': None, 'done': 0}
 
   def on_batch(name, batch, points, broken, todo, robust):
@@ -227,3 +223,26 @@ def table_columns(aa: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     'success_rate': None,
   }
   return cols
+
+
+def add_to_results(results, cols, aa) -> None:
+  """AutoAttack's rows, columns and its share of the all-or-nothing row."""
+  broken_by = np.asarray(aa.pop('broken_by'), np.int32)
+  cols['autoattack.broken_by'] = broken_by
+  results['autoattack'] = aa
+  results['clean_acc'] = aa['clean_acc']
+  results['autoattack_acc'] = aa['autoattack_acc']
+  results['attacks'].update(table_columns(aa))
+  aon = results.get('all_or_nothing') or {
+    'attacks': [],
+    'correct': len(broken_by),
+  }
+  robust = broken_by == -1
+  if aon['attacks']:
+    for name in aon['attacks']:
+      robust &= cols[f'{name}.correct'].astype(bool)
+  results['all_or_nothing'] = {
+    'attacks': aon['attacks'] + ['autoattack'],
+    'accuracy': float(np.mean(robust)) if len(robust) else float('nan'),
+    'correct': int(np.sum(robust)),
+  }

@@ -115,6 +115,11 @@ class ArraySource:
     return {'image': self._images[index], 'label': int(self._labels[index])}
 
 
+def labels(source: Source, total: int) -> np.ndarray:
+  """The labels of a source's first `total` examples, [total] int64."""
+  return np.asarray([int(source[i]['label']) for i in range(total)], np.int64)
+
+
 def split_names(name: str) -> tuple[str, ...]:
   """The standard split names of a dataset (digits has only these)."""
   return tuple(_KNOWN_SPLIT_SIZES[name])

@@ -438,7 +438,7 @@ def evaluate(
       'eval split; use -1 for all of them.'
     )
   attack_set = attack_list(ec)
-  sets = _read_adversarial_sets(ec, dc, source, total)
+  sets = adversarial_sets.read_for_eval(ec, dc, source, total)
   variables = jax.tree.map(np.asarray, jax.device_get(variables))
   num_classes = _infer_num_classes(model, variables, dc.image_size)
   loss = ec.untargeted_loss
@@ -506,13 +506,13 @@ def evaluate(
       mesh=mesh,
     )
     if is_main:
-      _add_autoattack(results, cols, aa)
+      autoattack_eval.add_to_results(results, cols, aa)
   if sets:
     scored = adversarial_sets.score(
       sets, functools.partial(_predict_global, runner), ec.global_batch_size
     )
     if is_main:
-      _add_adversarial_sets(results, cols, sets, scored)
+      adversarial_sets.add_to_results(results, cols, sets, scored)
   checks = None
   if ec.sanity:
     checks = _sanity(runner, ec, dc, source, cols, results, attack_set, total)
@@ -596,40 +596,6 @@ class _Progress:
     )
 
 
-def _add_autoattack(results, cols, aa) -> None:
-  """AutoAttack's rows, columns and its share of the all-or-nothing row."""
-  broken_by = np.asarray(aa.pop('broken_by'), np.int32)
-  cols['autoattack.broken_by'] = broken_by
-  results['autoattack'] = aa
-  results['clean_acc'] = aa['clean_acc']
-  results['autoattack_acc'] = aa['autoattack_acc']
-  results['attacks'].update(autoattack_eval.table_columns(aa))
-  aon = results.get('all_or_nothing') or {
-    'attacks': [],
-    'correct': len(broken_by),
-  }
-  robust = broken_by == -1
-  if aon['attacks']:
-    for name in aon['attacks']:
-      robust &= cols[f'{name}.correct'].astype(bool)
-  results['all_or_nothing'] = {
-    'attacks': aon['attacks'] + ['autoattack'],
-    'accuracy': float(np.mean(robust)) if len(robust) else float('nan'),
-    'correct': int(np.sum(robust)),
-  }
-
-
-def _read_adversarial_sets(ec, dc, source, total):
-  """`eval.adversarial_sets`, checked against the first `total` examples."""
-  if not ec.adversarial_sets:
-    return []
-  labels = np.asarray([int(source[i]['label']) for i in range(total)])
-  fields = {k: dc.get(k) for k in ('name', 'eval_split', 'image_size')}
-  return adversarial_sets.read_sets(
-    tuple(ec.adversarial_sets), labels, dc.image_size, fields
-  )
-
-
 def _predict_global(runner, images):
   """Predictions for a global batch that every process holds in full."""
   local = len(images) // jax.process_count()
@@ -638,38 +604,6 @@ def _predict_global(runner, images):
     runner.batch_sharding, images[lo : lo + local]
   )
   return _gather(runner.fns.predict(runner.variables, x))
-
-
-def _add_adversarial_sets(results, cols, sets, scored) -> None:
-  """The sets' rows and columns; all-or-nothing with clean and every set."""
-  names = [f'set.{s.name}' for s in sets]
-  for s, name in zip(sets, names):
-    for k, v in scored[s.name].items():
-      cols[f'{name}.{k}'] = v
-  results['attacks'].update(adversarial_sets.table_columns(sets, scored))
-  clean = cols['clean_correct'].astype(bool)
-  blackbox = clean.copy()
-  for name in names:
-    blackbox &= cols[f'{name}.correct']
-  robust = blackbox.copy()
-  previous = (results.get('all_or_nothing') or {}).get('attacks', [])
-  for name in previous:
-    if name == 'autoattack':
-      robust &= cols['autoattack.broken_by'] == -1
-    elif name != 'clean':
-      robust &= cols[f'{name}.correct'].astype(bool)
-  results['all_or_nothing'] = {
-    'attacks': ['clean'] + [n for n in previous if n != 'clean'] + names,
-    'accuracy': float(np.mean(robust)),
-    'correct': int(np.sum(robust)),
-  }
-  results['adversarial_sets'] = {
-    'sets': names,
-    'all_or_nothing': {
-      'accuracy': float(np.mean(blackbox)),
-      'correct': int(np.sum(blackbox)),
-    },
-  }
 
 
 def _aggregate(cols, attack_set, ec, config, workdir) -> dict[str, Any]:

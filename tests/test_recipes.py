@@ -12,6 +12,7 @@ import pytest
 from fdjax import attacks
 from fdjax import checkpoints
 from fdjax import config_base
+from fdjax import guard as guard_lib
 from fdjax import parallel
 from fdjax import recipes
 from fdjax import train
@@ -199,14 +200,14 @@ def test_free_at_with_ema_does_not_depend_on_the_device_count():
 
 def _inject_pgd_accuracies(monkeypatch, values):
   """Measures for real, then reports the given PGD accuracies in turn."""
-  real, values = train.CollapseGuard.measure, iter(values)
+  real, values = guard_lib.CollapseGuard.measure, iter(values)
 
   def measure(self, state):
     acc = real(self, state)
     assert set(acc) == {'clean', 'fgsm', 'pgd'}
     return dict(acc, pgd=next(values))
 
-  monkeypatch.setattr(train.CollapseGuard, 'measure', measure)
+  monkeypatch.setattr(guard_lib.CollapseGuard, 'measure', measure)
 
 
 def test_collapse_guard_rolls_back_and_stops(tmp_path, monkeypatch):
