@@ -49,6 +49,12 @@ ROWS = {
   'paper': {},
   'paper+ema': {'train.ema_decay': 0.98},
   'trades': {'train.recipe': 'trades'},
+  # TRADES with 2 KL steps of eps / 2 instead of the config's attack.
+  'trades-2': {
+    'train.recipe': 'trades',
+    'attack.num_steps': 2,
+    'attack.step_size': 'eps/2',
+  },
   'fast': {'train.recipe': 'fast'},
   'free': {'train.recipe': 'free'},
 }
@@ -67,6 +73,8 @@ def row_config(base, name: str, seed: int):
   config.seed = seed
   for key, value in ROWS[name].items():
     section, field = key.split('.')
+    if value == 'eps/2':
+      value = config.attack.epsilon / 2
     config[section][field] = value
   tc = config.train
   if tc.ema_decay > 0:  # Average the last two thirds of the run.

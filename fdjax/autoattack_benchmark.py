@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from fdjax import attacks
+from fdjax import parallel
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,8 +85,35 @@ def run(
   scale_points: Sequence[int] = (16, 64, 128, 256),
   scale_batch: int = 64,
   model: str = 'mlp',
+  devices: int = 1,
+  compilation_cache: str | None = None,
 ) -> str:
-  """Times AutoAttack against the reference; returns the printed tables."""
+  """Times AutoAttack against the reference; returns the printed tables.
+
+  `devices` > 1 splits every attack batch over that many local devices
+  (on a CPU: ``XLA_FLAGS=--xla_force_host_platform_device_count=N``, one
+  thread each). `compilation_cache` is a directory for JAX's persistent
+  compilation cache: a run that finds it filled by an earlier one loads
+  the compiled attacks instead of compiling them.
+  """
+  if devices > jax.local_device_count():
+    raise app.UsageError(
+      f'--aa_devices={devices} but this process has '
+      f'{jax.local_device_count()} devices; valid: 1 to that, or set '
+      f'XLA_FLAGS=--xla_force_host_platform_device_count={devices} on a CPU.'
+    )
+  cache_state = 'off'
+  if compilation_cache:
+    warm = os.path.isdir(compilation_cache) and bool(
+      os.listdir(compilation_cache)
+    )
+    cache_state = f'{"warm" if warm else "cold"} ({compilation_cache})'
+    jax.config.update('jax_compilation_cache_dir', compilation_cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+  mesh = None
+  if devices > 1:
+    mesh = parallel.make_mesh(jax.local_devices()[:devices])
   data_module = _test_module('digits_mlp')
   net = _test_module(f'digits_{model}')
   w = net.weights()
@@ -99,8 +127,9 @@ def run(
     return net.logits_fn(p)(z)
 
   key = jax.random.key(0)
+  batch = -(-len(y) // devices) * devices
   aa = attacks.AutoAttack(
-    logits_fn, epsilon=epsilon, norm=norm, batch_size=len(y)
+    logits_fn, epsilon=epsilon, norm=norm, batch_size=batch, mesh=mesh
   )
   r, first, total1 = _timed_autoattack(aa, w, key, x, y)
   _, second, total2 = _timed_autoattack(aa, w, key, x, y)
@@ -160,7 +189,8 @@ def run(
   lines = [
     f'AutoAttack standard, {norm} eps {epsilon}, {len(y)} digits '
     f'({model.upper()}), '
-    f'batch {len(y)}; reference torch '
+    f'batch {batch} on {devices} device(s), compilation cache '
+    f'{cache_state}; reference torch '
     f'{ref["torch"] if ref else "not run (--aa_reference_python)"}',
     _cells_table(cells),
   ]
@@ -172,16 +202,16 @@ def run(
       f'reference only: {int(np.sum(theirs & ~ours))} (of {len(y)})'
     )
   # Cost against the number of still-robust points: every attack runs on
-  # fixed batches of `scale_batch` (padded), compiled once.
+  # batches of `scale_batch` (the last padded), timed on a second call.
   robust = np.flatnonzero(r.broken_by != 0)
+  scale_batch = -(-scale_batch // devices) * devices
   scaled = attacks.AutoAttack(
-    logits_fn, epsilon=epsilon, norm=norm, batch_size=scale_batch
+    logits_fn, epsilon=epsilon, norm=norm, batch_size=scale_batch, mesh=mesh
   )
-  warm = robust[:scale_batch]
-  _timed_autoattack(scaled, w, key, x[warm], y[warm])
   cells = [['points'] + list(r.attacks) + ['total']]
   for n in scale_points:
     idx = np.resize(robust, n)  # Repeats points beyond the robust ones.
+    _timed_autoattack(scaled, w, key, x[idx], y[idx])  # Compiles new sizes.
     _, per, total = _timed_autoattack(scaled, w, key, x[idx], y[idx])
     cells.append(
       [str(n)]
@@ -190,8 +220,9 @@ def run(
     )
   lines.append(
     f'\nfdjax seconds by number of points attacked (batches of '
-    f'{scale_batch}, compiled; each attack runs only on the points the '
-    'ones before it left robust)'
+    f'{scale_batch}, the last one padded to a power of two; each attack '
+    'runs only on the points the ones before it left robust; a new size '
+    'compiles once)'
   )
   lines.append(_cells_table(cells))
   return '\n'.join(lines)

@@ -29,6 +29,11 @@ prints one table per mode:
     python -m fdjax.benchmark --mode=autoattack \
         --aa_reference_python=/tmp/aa_ref/bin/python
 
+  ``--aa_devices=2`` (with ``XLA_FLAGS=--xla_force_host_platform_device_count=2``
+  on a CPU) splits the batches over two devices, one core each;
+  ``--aa_compilation_cache=DIR`` keeps the compiled attacks on disk for the
+  next run.
+
 * ``input``: the input pipeline (`fdjax.input_benchmark`): per-stage cost
   of the ImageNet augmentation, images/s of the train and eval pipelines on
   image folders (``--input_folder``, default a generated JPEG tree) and tfds
@@ -572,6 +577,18 @@ def _define_flags() -> None:
     'aa_model', 'mlp', ['mlp', 'cnn'], 'autoattack mode: tests/digits_*.py.'
   )
   flags.DEFINE_float('aa_epsilon', 0.1, 'autoattack mode: epsilon.')
+  flags.DEFINE_integer(
+    'aa_devices',
+    1,
+    'autoattack mode: split each batch over this many local devices (CPU: '
+    'XLA_FLAGS=--xla_force_host_platform_device_count=N).',
+  )
+  flags.DEFINE_string(
+    'aa_compilation_cache',
+    None,
+    "autoattack mode: a directory for JAX's persistent compilation cache "
+    '(a rerun then loads the compiled attacks).',
+  )
   flags.DEFINE_enum('aa_norm', 'linf', ['linf', 'l2'], 'autoattack mode.')
   flags.DEFINE_list(
     'aa_scale_points',
@@ -612,6 +629,8 @@ def main(argv: Sequence[str]) -> None:
         reference_python=flag_values.aa_reference_python,
         scale_points=[int(n) for n in flag_values.aa_scale_points],
         model=flag_values.aa_model,
+        devices=flag_values.aa_devices,
+        compilation_cache=flag_values.aa_compilation_cache,
       ),
       flush=True,
     )

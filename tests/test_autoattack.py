@@ -111,7 +111,8 @@ def test_batch_packing_does_not_change_results(digits):
 
 def test_second_call_does_not_recompile(digits, monkeypatch):
   w, x, y = digits
-  traced = chex.assert_max_traces(aa_lib._FUNCTIONS['apgd-ce'], n=1)
+  original = aa_lib._FUNCTIONS['apgd-ce']
+  traced = chex.assert_max_traces(original, n=1)
   monkeypatch.setitem(aa_lib._FUNCTIONS, 'apgd-ce', traced)
   aa = attacks.AutoAttack(
     logits,
@@ -121,9 +122,23 @@ def test_second_call_does_not_recompile(digits, monkeypatch):
     batch_size=16,
     settings={'apgd-ce': {'num_steps': 5}},
   )
-  aa(w, jax.random.key(0), x, y)
+  aa(w, jax.random.key(0), x[:16], y[:16])  # One full batch.
   w2 = jax.tree.map(lambda a: a * 1.01, w)  # New weights, same model.
-  aa(w2, jax.random.key(1), x[:20], y[:20])  # Fewer points, same batches.
+  aa(w2, jax.random.key(1), x[16:32], y[16:32])  # Other points, same batch.
+  # A last batch of fewer points is padded to a smaller power of two, a
+  # program compiled once for that size.
+  sizes = []
+  monkeypatch.setattr(
+    aa, '_tail_size', lambda m, f=aa._tail_size: sizes.append(f(m)) or f(m)
+  )
+  chex.clear_trace_counter()
+  traced = chex.assert_max_traces(original, n=2)
+  monkeypatch.setitem(aa_lib._FUNCTIONS, 'apgd-ce', traced)
+  aa._compiled.clear()
+  aa._ahead.clear()
+  aa(w2, jax.random.key(1), x[:20], y[:20])  # 16 + 4 (padded to 4).
+  aa(w2, jax.random.key(1), x[:19], y[:19])  # 16 + 3 (padded to 4).
+  assert set(sizes) == {4}
 
 
 def test_functional_form_and_bad_settings(digits):

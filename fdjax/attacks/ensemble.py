@@ -226,10 +226,18 @@ class AutoAttack:
       call with the same (global) images; each attacks its devices' share.
       A point's result does not depend on the device count (its randomness
       is folded by its example id).
-    compile_ahead: compile every attack at the start of a call, two at a
-      time in threads, while the first attacks run (XLA compiles without
-      the GIL), instead of each when its turn comes. Same results; a first
-      call takes less wall time.
+    compile_ahead: compile the attacks ahead, two at a time in threads,
+      while earlier ones run (XLA compiles without the GIL): the first
+      attack's programs at the start of a call, and before each attack the
+      later attacks' for the sizes its points would need (an attack only
+      runs on points the ones before it left robust). Same results; a
+      first call takes less wall time.
+    tail_buckets: pad an attack's last (or only) batch of ``m`` points to
+      the smallest power-of-two multiple of the device count that holds
+      them (at most `batch_size`) instead of to `batch_size`: the later
+      attacks of a small evaluation then compute on a third of the points
+      a full batch would, at the price of at most one more compiled
+      program per attack and size.
     randomized: the model is randomised: ``logits_fn(params, x, key)``.
       The APGD attacks (`RANDOMIZED_ATTACKS`) then draw its randomness per
       batch from the attack's key (so, unlike a deterministic model's, a
@@ -257,6 +265,7 @@ class AutoAttack:
   mesh: jax.sharding.Mesh | None = None
   randomized: bool = False
   compile_ahead: bool = True
+  tail_buckets: bool = True
 
   def __post_init__(self):
     ball.check_norm(self.norm)
@@ -454,22 +463,40 @@ class AutoAttack:
       self._compiled[cache_key] = self._jit(run, 2)
     return self._compiled[cache_key]
 
-  def _compile_ahead(self, name: str, args: tuple[Any, ...]) -> Callable:
-    """`compiled(name)` lowered and compiled for arguments like `args`
-    (cached by their shapes, dtypes and shardings)."""
+  def _compile_ahead(self, name: str, params, key, size: int, like) -> Any:
+    """A future of `compiled(name)` lowered and compiled for batches of
+    `size` points shaped like the (one-point) `like` images; cached by
+    attack, settings and size."""
     jitted = self.compiled(name)
-    kwargs = tuple(sorted(self.kwargs(name).items()))
-    signature = (name, kwargs) + tuple(
-      (np.shape(a), str(a.dtype), str(getattr(a, 'sharding', None)))
-      for a in jax.tree.leaves(args)
-    )
+    signature = (name, tuple(sorted(self.kwargs(name).items())), size)
     with self._lock:
       if signature not in self._ahead:
+        sharding = None
+        if self.mesh is not None:
+          sharding = NamedSharding(self.mesh, P(parallel.AXIS))
+
+        def spec(shape, dtype):
+          dtype = jax.dtypes.canonicalize_dtype(dtype)
+          return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+        args = (
+          params,
+          key,
+          spec((size,) + like.shape[1:], like.dtype),
+          spec((size,), np.int32),
+          spec((size,), np.int32),
+        )
         self._ahead[signature] = self._pool.submit(
           lambda: jitted.lower(*args).compile()
         )
-      future = self._ahead[signature]
-    return future
+      return self._ahead[signature]
+
+  def _tail_size(self, m: int) -> int:
+    if not self.tail_buckets:
+      return self.batch_size
+    unit = 1 if self.mesh is None else self.mesh.devices.size
+    size = unit * (1 << max(math.ceil(math.log2(-(-m // unit))), 0))
+    return min(size, self.batch_size)
 
   def predict(self, params: Any, images: np.ndarray) -> np.ndarray:
     """Argmax predictions of float images in batches of `batch_size`."""
@@ -560,27 +587,42 @@ class AutoAttack:
       name: jax.random.fold_in(key, ATTACK_NAMES.index(name))
       for name in self.names
     }
-    ahead = {}
-    if self.compile_ahead and n:
-      example = self._put(fetch(probe), labels[probe], example_ids[probe])
-      for name in self.names:
-        args = (params, attack_keys[name], *example)
-        ahead[name] = self._compile_ahead(name, args)
+    like = fetch(np.zeros(1, np.int64)) if n else None
     for k, name in enumerate(self.names, start=1):
       todo = np.flatnonzero(broken_by == -1)
-      attack = ahead[name].result() if name in ahead else self.compiled(name)
+      if self.compile_ahead:
+        # This attack's programs first; then the later attacks' for the
+        # same points (an upper bound of theirs): full batches, and after
+        # the first attack (which breaks the most) the last batch's size.
+        full, tail = divmod(len(todo), self.batch_size)
+        sizes = [self.batch_size] if full else []
+        sizes += [self._tail_size(tail)] if tail else []
+        for later in self.names[k - 1 :]:
+          for j, size in enumerate(sizes):
+            if later == name or k > 1 or j < bool(full):
+              self._compile_ahead(later, params, attack_keys[later], size, like)
       attack_key = attack_keys[name]
       done_before = list((completed or {}).get(name, ()))
       start = time.perf_counter()
-      for b, (idx, m) in enumerate(_chunks(todo, self.batch_size)):
+      chunks = _chunks(todo, self.batch_size, self._tail_size)
+      for b, (idx, m) in enumerate(chunks):
         real = idx[:m]
         if b < len(done_before):
           hit = np.asarray(done_before[b], np.int64)
           broken_by[hit] = k
           continue
         x = fetch(idx)
+        attack = self.compiled(name)
+        if self.compile_ahead:
+          attack = self._compile_ahead(
+            name, params, attack_key, len(idx), like
+          ).result()
         out, _ = attack(
-          params, attack_key, *self._put(x, labels[idx], example_ids[idx])
+          params,
+          attack_key,
+          *self._put(
+            x, labels[idx].astype(np.int32), example_ids[idx].astype(np.int32)
+          ),
         )
         out = self._get(out)[:m]
         pred = self.predict(params, out)
@@ -637,14 +679,18 @@ def _assemble(fetch, n, batch_size, adv) -> np.ndarray:
   return np.zeros((0,) + np.shape(fetch(np.zeros(0, np.int64)))[1:], np.float32)
 
 
-def _chunks(idx: np.ndarray, size: int):
-  """(batch of exactly `size` indices, how many are real); the last batch
-  is padded by repeating its first index."""
+def _chunks(
+  idx: np.ndarray, size: int, tail_size: Callable[[int], int] | None = None
+):
+  """(batch of indices, how many are real): batches of `size`, the last one
+  padded (by repeating its first index) to `size`, or to ``tail_size(m)``
+  for its `m` points."""
   for start in range(0, len(idx), size):
     chunk = idx[start : start + size]
     m = len(chunk)
-    if m < size:
-      chunk = np.concatenate([chunk, np.full(size - m, chunk[0])])
+    padded = size if m == size or tail_size is None else tail_size(m)
+    if m < padded:
+      chunk = np.concatenate([chunk, np.full(padded - m, chunk[0])])
     yield chunk, m
 
 
