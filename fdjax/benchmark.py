@@ -29,8 +29,8 @@ prints one table per mode:
     python -m fdjax.benchmark --mode=autoattack \
         --aa_reference_python=/tmp/aa_ref/bin/python
 
-  ``--aa_devices=2`` (with ``XLA_FLAGS=--xla_force_host_platform_device_count=2``
-  on a CPU) splits the batches over two devices, one core each;
+  ``--aa_devices=2`` splits the batches over two devices, one core each on
+  a CPU (with ``XLA_FLAGS=--xla_force_host_platform_device_count=2``);
   ``--aa_compilation_cache=DIR`` keeps the compiled attacks on disk for the
   next run.
 
