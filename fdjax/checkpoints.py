@@ -335,6 +335,8 @@ def restore(
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {manager.directory}')
+  if target is None:
+    target = _local_target(manager, step)
   state_args = (
     ocp.args.StandardRestore(target)
     if target is not None
@@ -345,6 +347,28 @@ def restore(
     args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()),
   )
   return restored.state, dict(restored.meta or {})
+
+
+def _local_target(manager: ocp.CheckpointManager, step: int) -> Any:
+  """A target that restores every array of `step` onto this process's first
+  device, whatever devices and processes wrote it (orbax otherwise restores
+  onto the writer's topology, and a pod's checkpoint would not load on one
+  host); None when the manager cannot read the metadata."""
+  try:
+    metadata = manager.item_metadata(step)
+    tree = metadata['state']
+  except (KeyError, TypeError, ValueError):
+    return None
+  if tree is None:
+    return None
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def leaf(x):
+    if hasattr(x, 'shape') and hasattr(x, 'dtype'):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
+    return x
+
+  return jax.tree.map(leaf, tree)
 
 
 def _try_restore(manager, step, target):
@@ -461,7 +485,10 @@ def load_variables(
     options=ocp.CheckpointManagerOptions(
       create=False, enable_async_checkpointing=False
     ),
-    item_names=('state', 'meta'),
+    item_handlers={
+      'state': ocp.StandardCheckpointHandler(),
+      'meta': ocp.JsonCheckpointHandler(),
+    },
   )
   try:
     if step is None:

@@ -368,4 +368,21 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     >>> w.sharding.is_fully_replicated
     True
   """
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  sharding = NamedSharding(mesh, P())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  # Several processes: device_put takes the global sharding from host
+  # values only (each process gives the same), not from arrays already on
+  # one of its devices.
+  def put(x):
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+      return x
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(
+      x.dtype, jax.dtypes.prng_key
+    ):
+      data = put(np.asarray(jax.random.key_data(x)))
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return jax.device_put(np.asarray(x), sharding)
+
+  return jax.tree.map(put, tree)

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -395,7 +396,15 @@ def test_local_launch_script_trains_two_processes_in_lockstep(tmp_path):
     FDJAX_DEVICES_PER_PROCESS='2',
   )  # fmt: skip
   workdir = tmp_path / 'workdir'
-  cmd = ['bash', 'launch/local.sh', '2', *_main_command(workdir)[3:]]
+  # The evaluation runs AutoAttack over both processes too (its batches
+  # split over the 4 devices, the results gathered).
+  aa = [
+    '--config.eval.autoattack=apgd-ce,apgd-t,square',
+    '--config.eval.autoattack_steps=5',
+    '--config.eval.autoattack_target_classes=2',
+    '--config.eval.autoattack_queries=50',
+  ]
+  cmd = ['bash', 'launch/local.sh', '2', *_main_command(workdir, *aa)[3:]]
   result = subprocess.run(
     cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
   )
@@ -407,3 +416,20 @@ def test_local_launch_script_trains_two_processes_in_lockstep(tmp_path):
   assert 'JAX process 1/2' in (tmp_path / 'fdjax_process_1.log').read_text()
   results = json.loads((workdir / 'results.json').read_text())
   assert results['train']['loss'] == pytest.approx(float(first[2]), abs=1e-4)
+  # One process with 4 devices loads the 2-process checkpoint and gives
+  # the same per-example results, AutoAttack's included.
+  per_example = workdir / 'eval' / 'digits_test' / 'per_example.npz'
+  with np.load(per_example) as f:
+    two_processes = dict(f)
+  shutil.rmtree(workdir / 'eval')
+  one = subprocess.run(
+    _main_command(workdir, '--mode=eval', *aa), cwd=ROOT, env=_env(4),
+    capture_output=True, text=True, timeout=900,
+  )  # fmt: skip
+  assert one.returncode == 0, one.stderr[-3000:]
+  with np.load(per_example) as f:
+    one_process = dict(f)
+  assert 'autoattack.broken_by' in one_process
+  assert set(one_process) == set(two_processes)
+  for name, values in one_process.items():
+    np.testing.assert_array_equal(values, two_processes[name], err_msg=name)
