@@ -343,6 +343,57 @@ def test_restarts_only_change_unbroken_examples():
   assert not np.allclose(adv_other, adv1, atol=1e-4)
 
 
+def test_switch_runs_each_choice_as_its_own_attack():
+  # One program for several configurations (AutoAttack's APGD-CE and
+  # APGD-T): each choice gives what its own attack gives, compiled once.
+  x, y, logits_fn = digits()
+  x, y, ids = x[:48], y[:48], jnp.arange(100, 148)
+  key, eps = jax.random.key(4), 0.08
+  choices = (
+    ('ce', 2, None),
+    ('dlr', 1, None),
+    ('dlr-targeted', 1, 3),
+    ('ce-targeted', 2, 2),
+  )
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def switch(choice):
+    return apgd.apgd_switch(
+      logits_fn,
+      key,
+      x,
+      y,
+      choice,
+      choices=choices,
+      epsilon=eps,
+      num_steps=12,
+      example_ids=ids,
+    )
+
+  for i, (loss, restarts, targets) in enumerate(choices):
+    kwargs = dict(epsilon=eps, num_steps=12, example_ids=ids, loss=loss)
+    kwargs['num_restarts'] = restarts
+    if targets is None:
+      want = apgd.apgd(logits_fn, key, x, y, **kwargs)
+    else:
+      want = apgd.apgd_targeted(
+        logits_fn, key, x, y, num_target_classes=targets, **kwargs
+      )
+    adv, is_adv = switch(np.int32(i))
+    np.testing.assert_array_equal(is_adv, want[1], err_msg=loss)
+    np.testing.assert_allclose(adv, want[0], atol=1e-6, err_msg=loss)
+    assert 0 < int(is_adv.sum()) < 48
+  with pytest.raises(ValueError, match='num_target_classes'):
+    apgd.apgd_switch(
+      logits_fn, key, x, y, 0, choices=(('dlr-targeted', 1, 10),), epsilon=eps
+    )
+  with pytest.raises(ValueError, match='unknown APGD-T loss'):
+    apgd.apgd_switch(
+      logits_fn, key, x, y, 0, choices=(('ce', 1, 3),), epsilon=eps
+    )
+
+
 def test_data_parallel_equals_one_device():
   mesh = parallel.make_mesh()
   logits_fn, x, y = tiny_problem(8, seed=4)

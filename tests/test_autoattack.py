@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fdjax import attacks
+from fdjax.attacks import apgd as apgd_lib
 from fdjax.attacks import ensemble as aa_lib
 from fdjax.attacks import square as square_lib
 
@@ -139,6 +140,40 @@ def test_second_call_does_not_recompile(digits, monkeypatch):
   aa(w2, jax.random.key(1), x[:20], y[:20])  # 16 + 4 (padded to 4).
   aa(w2, jax.random.key(1), x[:19], y[:19])  # 16 + 3 (padded to 4).
   assert set(sizes) == {4}
+
+
+def test_apgd_attacks_share_one_program(digits, monkeypatch):
+  # APGD-CE and APGD-T differ only in loss, restarts and targets: one
+  # compiled program runs both (the model's passes compile once).
+  w, x, y = digits
+  traced = chex.assert_max_traces(apgd_lib.apgd_switch, n=1)
+  monkeypatch.setattr(apgd_lib, 'apgd_switch', traced)
+  settings = {'apgd-ce': {'num_steps': 20}, 'apgd-t': {'num_steps': 20}}
+  kwargs = dict(epsilon=EPS, version='custom', batch_size=16)
+  aa = attacks.AutoAttack(
+    logits,
+    attacks=['apgd-ce', 'apgd-t'],
+    settings=settings,
+    tail_buckets=False,
+    **kwargs,
+  )
+  result = aa(w, jax.random.key(0), x[:16], y[:16])
+  assert len(aa._compiled) == 1
+  assert 0 < np.sum(result.broken_by == 2)  # APGD-T ran, and broke some.
+  # The same points attack by attack, each in a program of its own.
+  alone = {}
+  for name in ('apgd-ce', 'apgd-t'):
+    alone[name] = attacks.AutoAttack(
+      logits, attacks=[name], settings=settings, **kwargs
+    )
+  first = alone['apgd-ce'](w, jax.random.key(0), x[:16], y[:16]).broken_by
+  np.testing.assert_array_equal(first == 0, result.broken_by == 0)
+  np.testing.assert_array_equal(first == 1, result.broken_by == 1)
+  left = np.flatnonzero(first == -1)
+  second = alone['apgd-t'](
+    w, jax.random.key(0), x[left], y[left], example_ids=left
+  ).broken_by
+  np.testing.assert_array_equal(second == 1, result.broken_by[left] == 2)
 
 
 def test_functional_form_and_bad_settings(digits):

@@ -75,6 +75,7 @@ __all__ = (
   'LOSSES',
   'TARGETED_LOSSES',
   'apgd',
+  'apgd_switch',
   'apgd_targeted',
   'checkpoints',
   'dlr_loss',
@@ -330,17 +331,29 @@ def _attack(
   x_init: jax.typing.ArrayLike | None,
   eot_iter: int = 1,
   model_key: jax.Array | None = None,
+  choices: tuple[tuple[str, int, int | None], ...] | None = None,
+  choice: jax.typing.ArrayLike | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """Runs APGD (num_target_classes None) or APGD-T with restarts."""
+  """Runs APGD (num_target_classes None) or APGD-T with restarts.
+
+  With `choices`, a tuple of (loss, num_restarts, num_target_classes)
+  configurations, the traced index `choice` picks the one to run (and
+  `loss`, `num_restarts`, `num_target_classes` are ignored): one program
+  runs any of them.
+  """
+  if choices is None:
+    choices = ((loss, num_restarts, num_target_classes),)
+    choice = 0
   ball.check_norm(norm)
   lo, hi = ball.check_bounds(bounds)
   images, labels, example_ids = ball.check_batch(images, labels, example_ids)
   if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
     raise ValueError(f'num_steps must be a Python int >= 1, got {num_steps!r}.')
-  if not isinstance(num_restarts, (int, np.integer)) or num_restarts < 1:
-    raise ValueError(
-      f'num_restarts must be a Python int >= 1, got {num_restarts!r}.'
-    )
+  for _, restarts, _ in choices:
+    if not isinstance(restarts, (int, np.integer)) or restarts < 1:
+      raise ValueError(
+        f'num_restarts must be a Python int >= 1, got {restarts!r}.'
+      )
   if x_init is None and key is None:
     raise ValueError('a random start needs a key; got key=None.')
   if not isinstance(eot_iter, (int, np.integer)) or eot_iter < 1:
@@ -367,23 +380,31 @@ def _attack(
   clean_logits = ball.check_logits(clean_logits, batch)
   num_classes = clean_logits.shape[-1]
   robust = jnp.argmax(clean_logits, axis=-1) == labels
-  if num_target_classes is None:
-    num_runs = num_restarts
-    ranking = None
-  else:
-    if (
-      not isinstance(num_target_classes, (int, np.integer))
-      or not 1 <= num_target_classes <= num_classes - 1
+  for _, _, targets in choices:
+    if targets is not None and (
+      not isinstance(targets, (int, np.integer))
+      or not 1 <= targets <= num_classes - 1
     ):
       raise ValueError(
         f'num_target_classes must be a Python int in [1, {num_classes - 1}], '
-        f'got {num_target_classes!r}.'
+        f'got {targets!r}.'
       )
-    num_runs = num_target_classes * num_restarts
-    # Classes by increasing clean logit: the target of the k-th target class
-    # (k = 1, 2, ...) is the class with the (k + 1)-th largest clean logit.
-    ranking = jnp.argsort(clean_logits, axis=-1)
-  loss_fn = _LOSS_FNS[loss]
+  targeted = any(t is not None for _, _, t in choices)
+  # Classes by increasing clean logit: the target of the k-th target class
+  # (k = 1, 2, ...) is the class with the (k + 1)-th largest clean logit.
+  ranking = jnp.argsort(clean_logits, axis=-1) if targeted else None
+  if len(choices) == 1:
+    ((loss, num_restarts, num_target_classes),) = choices
+    loss_fn = _LOSS_FNS[loss]
+    is_targeted = num_target_classes is not None
+    num_runs = num_restarts * (num_target_classes or 1)
+  else:
+    table = lambda values: jnp.asarray(values, jnp.int32)[choice]
+    num_restarts = table([r for _, r, _ in choices])
+    num_runs = table([r * (t or 1) for _, r, t in choices])
+    is_targeted = table([t is not None for _, _, t in choices]) > 0
+    fns = [_LOSS_FNS[name] for name, _, _ in choices]
+    loss_fn = lambda *args: jax.lax.switch(choice, fns, *args)
 
   def cond(c):
     run, robust, _ = c
@@ -394,8 +415,8 @@ def _attack(
     if ranking is None:
       targets = labels
     else:
-      rank = num_classes - 2 - run // num_restarts
-      targets = jnp.take(ranking, rank, axis=1)
+      rank = jnp.maximum(num_classes - 2 - run // num_restarts, 0)
+      targets = jnp.where(is_targeted, jnp.take(ranking, rank, axis=1), labels)
     if x_init is None:
       x_start = _random_start(
         jax.random.fold_in(key, run), x0, epsilon, norm, example_ids, lo, hi
@@ -607,4 +628,87 @@ def apgd_targeted(
     x_init=x_init,
     eot_iter=eot_iter,
     model_key=model_key,
+  )
+
+
+def apgd_switch(
+  logits_fn: LogitsFn,
+  key: jax.Array | None,
+  images: jax.typing.ArrayLike,
+  labels: jax.typing.ArrayLike,
+  choice: jax.typing.ArrayLike,
+  *,
+  choices: tuple[tuple[str, int, int | None], ...],
+  epsilon: jax.typing.ArrayLike,
+  norm: str = 'linf',
+  num_steps: int = 100,
+  rho: Any = 0.75,
+  bounds: tuple[Any, Any] = (0.0, 1.0),
+  example_ids: jax.typing.ArrayLike | None = None,
+  x_init: jax.typing.ArrayLike | None = None,
+  eot_iter: int = 1,
+  model_key: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """APGD or APGD-T, whichever of `choices` the traced `choice` picks.
+
+  One compiled program for several configurations: AutoAttack runs
+  APGD-CE and APGD-T (and APGD-DLR) through it, so the model's forward and
+  backward pass inside the iterations is compiled once, not once per
+  attack. ``choices[i] = (loss, num_restarts, num_target_classes)`` runs
+  as ``apgd(..., loss=loss, num_restarts=num_restarts)`` when
+  ``num_target_classes`` is None, else as ``apgd_targeted(...,
+  loss=loss, num_restarts=num_restarts,
+  num_target_classes=num_target_classes)``, with the same random starts.
+
+  Args:
+    logits_fn, key, images, labels: as :func:`apgd`.
+    choice: an int32 scalar (may be traced), the index into `choices`.
+    choices: a static tuple of (loss, num_restarts, num_target_classes).
+    epsilon, norm, num_steps, rho, bounds, example_ids, x_init, eot_iter,
+      model_key: as :func:`apgd`, shared by all the choices.
+
+  Returns:
+    ``(adv_images, is_adv)`` as :func:`apgd`.
+
+  Raises:
+    ValueError: as :func:`apgd` and :func:`apgd_targeted`, for any of the
+      choices; or empty `choices`.
+
+  Examples:
+    >>> w = jnp.array([[1.0, -1.0, 0.0, 0.2], [-2.0, 2.0, 0.1, 0.0]])
+    >>> logits_fn = lambda x: x.reshape(len(x), -1) @ w
+    >>> x = jnp.array([[[0.5, 0.45]], [[0.9, 0.1]]])
+    >>> choices = (('ce', 1, None), ('dlr-targeted', 1, 3))
+    >>> adv, is_adv = apgd_switch(logits_fn, jax.random.key(0), x,
+    ...     jnp.array([1, 0]), 1, choices=choices, epsilon=0.1, num_steps=5)
+    >>> is_adv.tolist()
+    [True, False]
+  """
+  choices = tuple((str(c[0]), c[1], c[2]) for c in choices)
+  if not choices:
+    raise ValueError('choices must hold at least one configuration, got ().')
+  for loss, _, targets in choices:
+    valid = LOSSES if targets is None else TARGETED_LOSSES
+    if loss not in valid:
+      kind = 'APGD' if targets is None else 'APGD-T'
+      raise ValueError(f'unknown {kind} loss {loss!r}; valid: {valid}.')
+  return _attack(
+    logits_fn,
+    key,
+    images,
+    labels,
+    epsilon=epsilon,
+    norm=norm,
+    loss=choices[0][0],
+    num_steps=num_steps,
+    num_restarts=choices[0][1],
+    num_target_classes=choices[0][2],
+    rho=rho,
+    bounds=bounds,
+    example_ids=example_ids,
+    x_init=x_init,
+    eot_iter=eot_iter,
+    model_key=model_key,
+    choices=choices,
+    choice=jnp.asarray(choice, jnp.int32),
   )

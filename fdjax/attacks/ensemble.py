@@ -436,14 +436,35 @@ class AutoAttack:
     )
     return checks
 
-  def compiled(self, name: str) -> Callable[..., tuple[jax.Array, jax.Array]]:
-    """The jitted ``attack(params, key, images, labels, ids)`` of `name`."""
-    kwargs = self.kwargs(name)
-    cache_key = (name, tuple(sorted(kwargs.items())))
-    if cache_key not in self._compiled:
-      fn = functools.partial(_FUNCTIONS[name], **kwargs)
+  def _program(self, name: str) -> tuple[Any, Callable[..., Any], int]:
+    """(cache key, jitted ``run(params, key, choice, images, labels, ids)``,
+    choice) of attack `name`.
 
-      def run(params, key, images, labels, ids):
+    The APGD attacks of the call that differ only in their loss, restarts
+    and target classes (APGD-CE and APGD-T in the standard version) share
+    one program (`apgd.apgd_switch`), which `choice` steers: the model's
+    forward and backward pass is compiled once for all of them.
+    """
+    kwargs = self.kwargs(name)
+    group, choice = [name], 0
+    if name in _APGD_ATTACKS:
+      same = lambda other: (
+        _apgd_shared(self.kwargs(other)) == _apgd_shared(kwargs)
+      )
+      group = [n for n in self.names if n in _APGD_ATTACKS and same(n)]
+      choice = group.index(name)
+    if len(group) > 1:
+      choices = tuple(_apgd_choice(n, self.kwargs(n)) for n in group)
+      shared = _apgd_shared(kwargs)
+      cache_key = ('apgd', choices, tuple(sorted(shared.items())))
+      fn = functools.partial(apgd_lib.apgd_switch, choices=choices, **shared)
+    else:
+      cache_key = (name, tuple(sorted(kwargs.items())))
+      fn = functools.partial(_FUNCTIONS[name], **kwargs)
+      fn = functools.partial(_ignore_choice, fn)
+    if cache_key not in self._compiled:
+
+      def run(params, key, choice, images, labels, ids):
         extra = {}
         logits_fn = functools.partial(self.logits_fn, params)
         if self.randomized:
@@ -453,6 +474,7 @@ class AutoAttack:
           key,
           images,
           labels,
+          choice,
           epsilon=self.epsilon,
           norm=self.norm,
           bounds=self.bounds,
@@ -460,15 +482,23 @@ class AutoAttack:
           **extra,
         )
 
-      self._compiled[cache_key] = self._jit(run, 2)
-    return self._compiled[cache_key]
+      self._compiled[cache_key] = self._jit(run, 3)
+    return cache_key, self._compiled[cache_key], choice
+
+  def compiled(self, name: str) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """The jitted ``attack(params, key, images, labels, ids)`` of `name`."""
+    _, jitted, choice = self._program(name)
+    choice = self._replicate(np.int32(choice))
+    return lambda params, key, *batch: jitted(params, key, choice, *batch)
 
   def _compile_ahead(self, name: str, params, key, size: int, like) -> Any:
-    """A future of `compiled(name)` lowered and compiled for batches of
-    `size` points shaped like the (one-point) `like` images; cached by
-    attack, settings and size."""
-    jitted = self.compiled(name)
-    signature = (name, tuple(sorted(self.kwargs(name).items())), size)
+    """A future of attack `name`'s program lowered and compiled for
+    batches of `size` points shaped like the (one-point) `like` images,
+    called as ``attack(params, key, images, labels, ids)``; cached by
+    program and size (the attacks that share a program share it)."""
+    cache_key, jitted, choice = self._program(name)
+    choice = self._replicate(np.int32(choice))
+    signature = (cache_key, size)
     with self._lock:
       if signature not in self._ahead:
         sharding = None
@@ -482,6 +512,7 @@ class AutoAttack:
         args = (
           params,
           key,
+          choice,
           spec((size,) + like.shape[1:], like.dtype),
           spec((size,), np.int32),
           spec((size,), np.int32),
@@ -489,7 +520,8 @@ class AutoAttack:
         self._ahead[signature] = self._pool.submit(
           lambda: jitted.lower(*args).compile()
         )
-      return self._ahead[signature]
+      future = self._ahead[signature]
+    return _Bound(future, choice)
 
   def _tail_size(self, m: int) -> int:
     if not self.tail_buckets:
@@ -658,6 +690,48 @@ class AutoAttack:
       if c['status'] == 'warn':
         logging.warning('AutoAttack check %s: %s', name, c['message'])
     return AutoAttackResult(adv, broken_by, self.names, accuracy, checks)
+
+
+_APGD_ATTACKS = ('apgd-ce', 'apgd-dlr', 'apgd-t')
+
+_APGD_CHOICES = ('loss', 'num_restarts', 'num_target_classes')
+"""The settings in which APGD attacks sharing one program may differ."""
+
+_APGD_DEFAULT_LOSS = {
+  'apgd-ce': 'ce',
+  'apgd-dlr': 'dlr',
+  'apgd-t': 'dlr-targeted',
+}
+
+
+def _apgd_choice(name: str, kwargs: dict[str, Any]) -> tuple[Any, ...]:
+  """(loss, num_restarts, num_target_classes) of an APGD attack."""
+  return (
+    kwargs.get('loss', _APGD_DEFAULT_LOSS[name]),
+    kwargs.get('num_restarts', 1),
+    kwargs.get('num_target_classes') if name == 'apgd-t' else None,
+  )
+
+
+def _apgd_shared(kwargs: dict[str, Any]) -> dict[str, Any]:
+  """The settings an APGD attack shares with those of its program."""
+  return {k: v for k, v in kwargs.items() if k not in _APGD_CHOICES}
+
+
+def _ignore_choice(fn, logits_fn, key, images, labels, choice, **kwargs):
+  del choice
+  return fn(logits_fn, key, images, labels, **kwargs)
+
+
+class _Bound:
+  """A future of a compiled program with its `choice` argument bound."""
+
+  def __init__(self, future: futures.Future, choice: Any):
+    self._future, self._choice = future, choice
+
+  def result(self) -> Callable[..., Any]:
+    exe, choice = self._future.result(), self._choice
+    return lambda params, key, *batch: exe(params, key, choice, *batch)
 
 
 def _as_float(x: np.ndarray) -> np.ndarray:
