@@ -174,6 +174,19 @@ def test_apgd_attacks_share_one_program(digits, monkeypatch):
     w, jax.random.key(0), x[left], y[left], example_ids=left
   ).broken_by
   np.testing.assert_array_equal(second == 1, result.broken_by[left] == 2)
+  # On CPU the gradient attacks compile with XLA's older fusion emitters;
+  # attacks given other compiler options no longer share a program.
+  assert aa.xla_options('apgd-t') == {'xla_cpu_use_fusion_emitters': False}
+  assert aa.xla_options('square') == {}
+  other = attacks.AutoAttack(
+    logits,
+    attacks=['apgd-ce', 'apgd-t'],
+    compiler_options={'apgd-ce': {'xla_backend_optimization_level': 1}},
+    **kwargs,
+  )
+  assert other.xla_options('apgd-t') == {}
+  assert other._program('apgd-ce')[0] != other._program('apgd-t')[0]
+  assert aa._program('apgd-ce')[0] == aa._program('apgd-t')[0]
 
 
 def test_functional_form_and_bad_settings(digits):

@@ -58,6 +58,15 @@ VERSION_ATTACKS = {
   'rand': ('apgd-ce', 'apgd-dlr'),
 }
 
+CPU_COMPILER_OPTIONS = {
+  name: {'xla_cpu_use_fusion_emitters': False}
+  for name in ('apgd-ce', 'apgd-dlr', 'apgd-t', 'fab', 'fab-t')
+}
+"""XLA:CPU options AutoAttack's attacks compile with by default: XLA's
+older fusion emitters compile APGD and FAB in about 55% of the time at the
+same speed on this project's CPU (docs/autoattack.md); Square, whose
+5,000 small iterations run twice as long with them, keeps the defaults."""
+
 RANDOMIZED_ATTACKS = ('apgd-ce', 'apgd-dlr', 'apgd-t')
 """The attacks that can run on a randomised model (``randomized=True``)."""
 
@@ -238,6 +247,10 @@ class AutoAttack:
       attacks of a small evaluation then compute on a third of the points
       a full batch would, at the price of at most one more compiled
       program per attack and size.
+    compiler_options: XLA compiler options per attack name, e.g.
+      ``{'square': {'xla_backend_optimization_level': 1}}`` ({} compiles
+      every attack with XLA's defaults); None: `CPU_COMPILER_OPTIONS` when
+      the devices are CPUs, the defaults elsewhere.
     randomized: the model is randomised: ``logits_fn(params, x, key)``.
       The APGD attacks (`RANDOMIZED_ATTACKS`) then draw its randomness per
       batch from the attack's key (so, unlike a deterministic model's, a
@@ -266,6 +279,7 @@ class AutoAttack:
   randomized: bool = False
   compile_ahead: bool = True
   tail_buckets: bool = True
+  compiler_options: dict[str, dict[str, Any]] | None = None
 
   def __post_init__(self):
     ball.check_norm(self.norm)
@@ -309,10 +323,16 @@ class AutoAttack:
       return lambda x: self.logits_fn(params, x, jax.random.key(0))
     return functools.partial(self.logits_fn, params)
 
-  def _jit(self, fn: Callable[..., Any], num_replicated: int) -> Callable:
+  def _jit(
+    self,
+    fn: Callable[..., Any],
+    num_replicated: int,
+    compiler_options: dict[str, Any] | None = None,
+  ) -> Callable:
     """jit of ``fn(*replicated, *batched)``, split over `mesh` if any."""
+    jit = functools.partial(jax.jit, compiler_options=compiler_options or None)
     if self.mesh is None:
-      return jax.jit(fn)
+      return jit(fn)
 
     def spec(x):
       return P(parallel.AXIS) if x else P()
@@ -324,7 +344,7 @@ class AutoAttack:
       )
       return mapped(*args)
 
-    return jax.jit(call)
+    return jit(call)
 
   def _put(self, *batch: np.ndarray) -> tuple[Any, ...]:
     """A batch placed for `_jit`'s functions: split over the mesh, from the
@@ -352,6 +372,16 @@ class AutoAttack:
     if 'num_target_classes' in kw and classes is not None:
       kw['num_target_classes'] = min(kw['num_target_classes'], classes - 1)
     return kw
+
+  def xla_options(self, name: str) -> dict[str, Any]:
+    """The XLA compiler options attack `name` compiles with: its entry of
+    `compiler_options`, else (None) `CPU_COMPILER_OPTIONS` on CPU."""
+    if self.compiler_options is not None:
+      return dict(self.compiler_options.get(name, {}))
+    devices = jax.devices() if self.mesh is None else self.mesh.devices.flat
+    if all(d.platform == 'cpu' for d in devices):
+      return dict(CPU_COMPILER_OPTIONS.get(name, {}))
+    return {}
 
   def _first_checks(self, params, x, y, m) -> dict[str, dict[str, str]]:
     """The checks made on one batch before the attacks (see `CHECKS`);
@@ -450,6 +480,7 @@ class AutoAttack:
     if name in _APGD_ATTACKS:
       same = lambda other: (
         _apgd_shared(self.kwargs(other)) == _apgd_shared(kwargs)
+        and self.xla_options(other) == self.xla_options(name)
       )
       group = [n for n in self.names if n in _APGD_ATTACKS and same(n)]
       choice = group.index(name)
@@ -457,9 +488,11 @@ class AutoAttack:
       choices = tuple(_apgd_choice(n, self.kwargs(n)) for n in group)
       shared = _apgd_shared(kwargs)
       cache_key = ('apgd', choices, tuple(sorted(shared.items())))
+      cache_key += (tuple(sorted(self.xla_options(name).items())),)
       fn = functools.partial(apgd_lib.apgd_switch, choices=choices, **shared)
     else:
       cache_key = (name, tuple(sorted(kwargs.items())))
+      cache_key += (tuple(sorted(self.xla_options(name).items())),)
       fn = functools.partial(_FUNCTIONS[name], **kwargs)
       fn = functools.partial(_ignore_choice, fn)
     if cache_key not in self._compiled:
@@ -482,7 +515,7 @@ class AutoAttack:
           **extra,
         )
 
-      self._compiled[cache_key] = self._jit(run, 3)
+      self._compiled[cache_key] = self._jit(run, 3, self.xla_options(name))
     return cache_key, self._compiled[cache_key], choice
 
   def compiled(self, name: str) -> Callable[..., tuple[jax.Array, jax.Array]]:
@@ -624,14 +657,16 @@ class AutoAttack:
       todo = np.flatnonzero(broken_by == -1)
       if self.compile_ahead:
         # This attack's programs first; then the later attacks' for the
-        # same points (an upper bound of theirs): full batches, and after
-        # the first attack (which breaks the most) the last batch's size.
+        # same points (an upper bound of theirs): after the first attack
+        # (which breaks the most) for its sizes, before it only the full
+        # batches of a set that spans several (one batch's survivors fit
+        # a smaller program, compiled once they are known).
         full, tail = divmod(len(todo), self.batch_size)
         sizes = [self.batch_size] if full else []
         sizes += [self._tail_size(tail)] if tail else []
         for later in self.names[k - 1 :]:
           for j, size in enumerate(sizes):
-            if later == name or k > 1 or j < bool(full):
+            if later == name or k > 1 or (j == 0 and full >= 2):
               self._compile_ahead(later, params, attack_keys[later], size, like)
       attack_key = attack_keys[name]
       done_before = list((completed or {}).get(name, ()))
