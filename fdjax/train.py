@@ -95,6 +95,18 @@ def state_specs() -> TrainState:
   )
 
 
+def state_shardings(mesh: jax.sharding.Mesh) -> TrainState:
+  """`state_specs` as shardings of `mesh` (a pytree prefix of the state),
+  for `jax.jit(..., out_shardings=)` or `jax.device_put`: a state placed so
+  is what the train step returns, and a step fed it does not recompile."""
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  sharded = jax.sharding.NamedSharding(mesh, P(parallel.AXIS))
+  return jax.tree.map(
+    lambda spec: sharded if spec == P(parallel.AXIS) else replicated,
+    state_specs(),
+  )
+
+
 def create_learning_rate_fn(
   train_config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.Schedule:
@@ -611,12 +623,7 @@ def _train(config, workdir, *, train_source):
   # Refuses another run's workdir before writing; writes config.json.
   workdir_lib.check_and_record(config, workdir)
 
-  replicated = jax.sharding.NamedSharding(mesh, P())
-  sharded = jax.sharding.NamedSharding(mesh, P(parallel.AXIS))
-  shardings = jax.tree.map(
-    lambda spec: sharded if spec == P(parallel.AXIS) else replicated,
-    state_specs(),
-  )
+  shardings = state_shardings(mesh)
   init = jax.jit(
     functools.partial(
       create_train_state,
