@@ -96,14 +96,10 @@ def state_specs() -> TrainState:
 
 
 def state_shardings(mesh: jax.sharding.Mesh) -> TrainState:
-  """`state_specs` as shardings of `mesh` (a pytree prefix of the state),
-  for `jax.jit(..., out_shardings=)` or `jax.device_put`: a state placed so
-  is what the train step returns, and a step fed it does not recompile."""
-  replicated = jax.sharding.NamedSharding(mesh, P())
-  sharded = jax.sharding.NamedSharding(mesh, P(parallel.AXIS))
+  """`state_specs` on `mesh` (a pytree prefix of the state): the train step's
+  output shardings, so a state placed with them does not recompile it."""
   return jax.tree.map(
-    lambda spec: sharded if spec == P(parallel.AXIS) else replicated,
-    state_specs(),
+    lambda spec: jax.sharding.NamedSharding(mesh, spec), state_specs()
   )
 
 

@@ -11,7 +11,7 @@
   (`apgd.apgd`, `apgd_targeted`, `dlr_loss`, `targeted_dlr_loss`),
   `fdjax.attacks.fab` (`fab.fab`, `fab_targeted`), `fdjax.attacks.square`
   (`square.square`), and the ensemble `AutoAttack` / `autoattack`
-  (`fdjax.attacks.ensemble`).
+  (`fdjax.attacks.ensemble`; its versions in `fdjax.attacks.versions`).
 - Transfer (black-box) attackers (`fdjax.attacks.transfer`):
   `transfer_attack` (MI-, DI-, TI-FGSM and their combinations),
   `TransferAttack`, and logit ensembles of source models

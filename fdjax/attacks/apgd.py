@@ -318,32 +318,33 @@ def _attack(
   key: jax.Array | None,
   images: jax.typing.ArrayLike,
   labels: jax.typing.ArrayLike,
+  choices: tuple[tuple[str, int, int | None], ...],
+  choice: jax.typing.ArrayLike,
   *,
   epsilon: jax.typing.ArrayLike,
   norm: str,
-  loss: str,
   num_steps: int,
-  num_restarts: int,
-  num_target_classes: int | None,
   rho: Any,
   bounds: tuple[Any, Any],
   example_ids: jax.typing.ArrayLike | None,
   x_init: jax.typing.ArrayLike | None,
   eot_iter: int = 1,
   model_key: jax.Array | None = None,
-  choices: tuple[tuple[str, int, int | None], ...] | None = None,
-  choice: jax.typing.ArrayLike | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """Runs APGD (num_target_classes None) or APGD-T with restarts.
+  """Runs the configuration ``choices[choice]`` with its restarts.
 
-  With `choices`, a tuple of (loss, num_restarts, num_target_classes)
-  configurations, the traced index `choice` picks the one to run (and
-  `loss`, `num_restarts`, `num_target_classes` are ignored): one program
-  runs any of them.
+  `choices` is a static tuple of (loss, num_restarts, num_target_classes):
+  APGD where num_target_classes is None, else APGD-T. With one choice the
+  program holds that attack alone; with several, the (traced) index
+  `choice` picks the one to run, and one program runs any of them.
   """
-  if choices is None:
-    choices = ((loss, num_restarts, num_target_classes),)
-    choice = 0
+  if not choices:
+    raise ValueError('choices must hold at least one configuration, got ().')
+  for loss, _, targets in choices:
+    valid = LOSSES if targets is None else TARGETED_LOSSES
+    if loss not in valid:
+      kind = 'APGD' if targets is None else 'APGD-T'
+      raise ValueError(f'unknown {kind} loss {loss!r}; valid: {valid}.')
   ball.check_norm(norm)
   lo, hi = ball.check_bounds(bounds)
   images, labels, example_ids = ball.check_batch(images, labels, example_ids)
@@ -524,19 +525,16 @@ def apgd(
     >>> bool(jnp.abs(adv - x).max() <= 0.1 + 1e-6)
     True
   """
-  if loss not in LOSSES:
-    raise ValueError(f'unknown APGD loss {loss!r}; valid: {LOSSES}.')
   return _attack(
     logits_fn,
     key,
     images,
     labels,
+    ((loss, num_restarts, None),),
+    0,
     epsilon=epsilon,
     norm=norm,
-    loss=loss,
     num_steps=num_steps,
-    num_restarts=num_restarts,
-    num_target_classes=None,
     rho=rho,
     bounds=bounds,
     example_ids=example_ids,
@@ -609,19 +607,16 @@ def apgd_targeted(
     >>> is_adv.tolist()
     [True, False]
   """
-  if loss not in TARGETED_LOSSES:
-    raise ValueError(f'unknown APGD-T loss {loss!r}; valid: {TARGETED_LOSSES}.')
   return _attack(
     logits_fn,
     key,
     images,
     labels,
+    ((loss, num_restarts, num_target_classes),),
+    0,
     epsilon=epsilon,
     norm=norm,
-    loss=loss,
     num_steps=num_steps,
-    num_restarts=num_restarts,
-    num_target_classes=num_target_classes,
     rho=rho,
     bounds=bounds,
     example_ids=example_ids,
@@ -684,31 +679,20 @@ def apgd_switch(
     >>> is_adv.tolist()
     [True, False]
   """
-  choices = tuple((str(c[0]), c[1], c[2]) for c in choices)
-  if not choices:
-    raise ValueError('choices must hold at least one configuration, got ().')
-  for loss, _, targets in choices:
-    valid = LOSSES if targets is None else TARGETED_LOSSES
-    if loss not in valid:
-      kind = 'APGD' if targets is None else 'APGD-T'
-      raise ValueError(f'unknown {kind} loss {loss!r}; valid: {valid}.')
   return _attack(
     logits_fn,
     key,
     images,
     labels,
+    tuple((str(c[0]), c[1], c[2]) for c in choices),
+    jnp.asarray(choice, jnp.int32),
     epsilon=epsilon,
     norm=norm,
-    loss=choices[0][0],
     num_steps=num_steps,
-    num_restarts=choices[0][1],
-    num_target_classes=choices[0][2],
     rho=rho,
     bounds=bounds,
     example_ids=example_ids,
     x_init=x_init,
     eot_iter=eot_iter,
     model_key=model_key,
-    choices=choices,
-    choice=jnp.asarray(choice, jnp.int32),
   )

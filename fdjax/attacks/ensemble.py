@@ -46,65 +46,14 @@ from fdjax.attacks import apgd as apgd_lib
 from fdjax.attacks import ball
 from fdjax.attacks import fab as fab_lib
 from fdjax.attacks import square as square_lib
-
-ATTACK_NAMES = ('apgd-ce', 'apgd-dlr', 'apgd-t', 'fab', 'fab-t', 'square')
-"""The reference's attack names, in its canonical order."""
-
-VERSIONS = ('standard', 'plus', 'rand', 'custom')
-
-VERSION_ATTACKS = {
-  'standard': ('apgd-ce', 'apgd-t', 'fab-t', 'square'),
-  'plus': ('apgd-ce', 'apgd-dlr', 'fab', 'square', 'apgd-t', 'fab-t'),
-  'rand': ('apgd-ce', 'apgd-dlr'),
-}
-
-CPU_COMPILER_OPTIONS = {
-  name: {'xla_cpu_use_fusion_emitters': False}
-  for name in ('apgd-ce', 'apgd-dlr', 'apgd-t', 'fab', 'fab-t')
-}
-"""XLA:CPU options AutoAttack's attacks compile with by default: XLA's
-older fusion emitters compile APGD and FAB in about 55% of the time at the
-same speed on this project's CPU (docs/autoattack.md); Square, whose
-5,000 small iterations run twice as long with them, keeps the defaults."""
-
-RANDOMIZED_ATTACKS = ('apgd-ce', 'apgd-dlr', 'apgd-t')
-"""The attacks that can run on a randomised model (``randomized=True``)."""
-
-# Attack a point with fn(logits_fn, key, images, labels, *, epsilon, norm,
-# bounds, example_ids) -> (adv, is_adv).
-AttackFn = Callable[..., tuple[jax.Array, jax.Array]]
-
-
-def attack_settings(version: str, name: str) -> dict[str, Any]:
-  """The reference's settings of one attack in one version.
-
-  Args:
-    version: 'standard', 'plus', 'rand' or 'custom' (custom uses the
-      standard settings).
-    name: one of `ATTACK_NAMES`.
-
-  Returns:
-    Keyword arguments for the attack function.
-
-  Examples:
-    >>> attack_settings('plus', 'apgd-ce')
-    {'loss': 'ce', 'num_steps': 100, 'num_restarts': 5}
-    >>> attack_settings('rand', 'apgd-dlr')
-    {'loss': 'dlr', 'num_steps': 100, 'num_restarts': 1, 'eot_iter': 20}
-  """
-  restarts = 5 if version == 'plus' else 1
-  if version == 'rand' and name in ('apgd-ce', 'apgd-dlr'):
-    loss = name.split('-')[1]
-    return dict(loss=loss, num_steps=100, num_restarts=1, eot_iter=20)
-  return {
-    'apgd-ce': dict(loss='ce', num_steps=100, num_restarts=restarts),
-    'apgd-dlr': dict(loss='dlr', num_steps=100, num_restarts=restarts),
-    'apgd-t': dict(num_steps=100, num_target_classes=9, num_restarts=1),
-    'fab': dict(num_steps=100, num_restarts=restarts),
-    'fab-t': dict(num_steps=100, num_target_classes=9, num_restarts=1),
-    'square': dict(num_queries=5000, p_init=0.8, rescale_schedule=False),
-  }[name]
-
+from fdjax.attacks import versions
+from fdjax.attacks.versions import ATTACK_NAMES as ATTACK_NAMES
+from fdjax.attacks.versions import CPU_COMPILER_OPTIONS as CPU_COMPILER_OPTIONS
+from fdjax.attacks.versions import RANDOMIZED_ATTACKS as RANDOMIZED_ATTACKS
+from fdjax.attacks.versions import VERSION_ATTACKS as VERSION_ATTACKS
+from fdjax.attacks.versions import VERSIONS as VERSIONS
+from fdjax.attacks.versions import attack_settings as attack_settings
+from fdjax.attacks.versions import resolve_attacks as resolve_attacks
 
 _FUNCTIONS = {
   'apgd-ce': apgd_lib.apgd,
@@ -114,48 +63,6 @@ _FUNCTIONS = {
   'fab-t': fab_lib.fab_targeted,
   'square': square_lib.square,
 }
-
-
-def resolve_attacks(
-  version: str = 'standard', attacks: Sequence[str] | None = None
-) -> tuple[str, ...]:
-  """The attack names a version runs, in order.
-
-  Args:
-    version: one of `VERSIONS`.
-    attacks: with version 'custom', the names to run (`ATTACK_NAMES`).
-
-  Returns:
-    A tuple of names.
-
-  Raises:
-    ValueError: an unknown version or name, or `attacks` with another
-      version than 'custom'.
-
-  Examples:
-    >>> resolve_attacks('standard')
-    ('apgd-ce', 'apgd-t', 'fab-t', 'square')
-    >>> resolve_attacks('custom', ['square'])
-    ('square',)
-  """
-  if version not in VERSIONS:
-    raise ValueError(
-      f'autoattack version={version!r} is not valid; valid: {list(VERSIONS)}.'
-    )
-  if version != 'custom':
-    if attacks is not None:
-      raise ValueError(
-        f"attacks={attacks!r} needs version='custom' (got {version!r})."
-      )
-    return VERSION_ATTACKS[version]
-  names = tuple(attacks or ())
-  bad = [n for n in names if n not in ATTACK_NAMES]
-  if not names or bad or len(set(names)) != len(names):
-    raise ValueError(
-      f'autoattack attacks={list(names)!r} is not valid; valid: a non-empty '
-      f'list of distinct names of {list(ATTACK_NAMES)}.'
-    )
-  return names
 
 
 class AutoAttackResult(NamedTuple):
@@ -466,35 +373,34 @@ class AutoAttack:
     )
     return checks
 
-  def _program(self, name: str) -> tuple[Any, Callable[..., Any], int]:
+  def _program(self, name: str) -> tuple[Any, Callable[..., Any], Any]:
     """(cache key, jitted ``run(params, key, choice, images, labels, ids)``,
-    choice) of attack `name`.
+    its `choice` argument, placed) of attack `name`.
 
     The APGD attacks of the call that differ only in their loss, restarts
     and target classes (APGD-CE and APGD-T in the standard version) share
     one program (`apgd.apgd_switch`), which `choice` steers: the model's
     forward and backward pass is compiled once for all of them.
     """
-    kwargs = self.kwargs(name)
+    kwargs, options = self.kwargs(name), self.xla_options(name)
     group, choice = [name], 0
-    if name in _APGD_ATTACKS:
+    if name in versions.APGD_ATTACKS:
       same = lambda other: (
-        _apgd_shared(self.kwargs(other)) == _apgd_shared(kwargs)
-        and self.xla_options(other) == self.xla_options(name)
+        versions.apgd_shared(self.kwargs(other)) == versions.apgd_shared(kwargs)
+        and self.xla_options(other) == options
       )
-      group = [n for n in self.names if n in _APGD_ATTACKS and same(n)]
+      group = [n for n in self.names if n in versions.APGD_ATTACKS and same(n)]
       choice = group.index(name)
     if len(group) > 1:
-      choices = tuple(_apgd_choice(n, self.kwargs(n)) for n in group)
-      shared = _apgd_shared(kwargs)
+      choices = tuple(versions.apgd_choice(self.kwargs(n)) for n in group)
+      shared = versions.apgd_shared(kwargs)
       cache_key = ('apgd', choices, tuple(sorted(shared.items())))
-      cache_key += (tuple(sorted(self.xla_options(name).items())),)
       fn = functools.partial(apgd_lib.apgd_switch, choices=choices, **shared)
     else:
       cache_key = (name, tuple(sorted(kwargs.items())))
-      cache_key += (tuple(sorted(self.xla_options(name).items())),)
       fn = functools.partial(_FUNCTIONS[name], **kwargs)
       fn = functools.partial(_ignore_choice, fn)
+    cache_key += (tuple(sorted(options.items())),)
     if cache_key not in self._compiled:
 
       def run(params, key, choice, images, labels, ids):
@@ -515,13 +421,16 @@ class AutoAttack:
           **extra,
         )
 
-      self._compiled[cache_key] = self._jit(run, 3, self.xla_options(name))
-    return cache_key, self._compiled[cache_key], choice
+      self._compiled[cache_key] = self._jit(run, 3, options)
+    return (
+      cache_key,
+      self._compiled[cache_key],
+      self._replicate(np.int32(choice)),
+    )
 
   def compiled(self, name: str) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """The jitted ``attack(params, key, images, labels, ids)`` of `name`."""
     _, jitted, choice = self._program(name)
-    choice = self._replicate(np.int32(choice))
     return lambda params, key, *batch: jitted(params, key, choice, *batch)
 
   def _compile_ahead(self, name: str, params, key, size: int, like) -> Any:
@@ -530,7 +439,6 @@ class AutoAttack:
     called as ``attack(params, key, images, labels, ids)``; cached by
     program and size (the attacks that share a program share it)."""
     cache_key, jitted, choice = self._program(name)
-    choice = self._replicate(np.int32(choice))
     signature = (cache_key, size)
     with self._lock:
       if signature not in self._ahead:
@@ -725,32 +633,6 @@ class AutoAttack:
       if c['status'] == 'warn':
         logging.warning('AutoAttack check %s: %s', name, c['message'])
     return AutoAttackResult(adv, broken_by, self.names, accuracy, checks)
-
-
-_APGD_ATTACKS = ('apgd-ce', 'apgd-dlr', 'apgd-t')
-
-_APGD_CHOICES = ('loss', 'num_restarts', 'num_target_classes')
-"""The settings in which APGD attacks sharing one program may differ."""
-
-_APGD_DEFAULT_LOSS = {
-  'apgd-ce': 'ce',
-  'apgd-dlr': 'dlr',
-  'apgd-t': 'dlr-targeted',
-}
-
-
-def _apgd_choice(name: str, kwargs: dict[str, Any]) -> tuple[Any, ...]:
-  """(loss, num_restarts, num_target_classes) of an APGD attack."""
-  return (
-    kwargs.get('loss', _APGD_DEFAULT_LOSS[name]),
-    kwargs.get('num_restarts', 1),
-    kwargs.get('num_target_classes') if name == 'apgd-t' else None,
-  )
-
-
-def _apgd_shared(kwargs: dict[str, Any]) -> dict[str, Any]:
-  """The settings an APGD attack shares with those of its program."""
-  return {k: v for k, v in kwargs.items() if k not in _APGD_CHOICES}
 
 
 def _ignore_choice(fn, logits_fn, key, images, labels, choice, **kwargs):
