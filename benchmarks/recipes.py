@@ -1,27 +1,33 @@
 r"""Training recipes side by side: cost per step, wall time and robustness.
 
   python benchmarks/recipes.py --config=configs/default.py --seed=0 \
-      --workdir=/tmp/fdjax_recipes            # digits: train + evaluate
+      --workdir=/tmp/fdjax_recipes --baseline=paper-30   # digits
   python benchmarks/recipes.py --config=configs/cifar10.py:small \
       --synthetic --cost_only --set attack.num_steps=10 \
       --set train.global_batch_size=128       # CIFAR-10-shaped, cost only
 
-For the paper's recipe (`train.recipe='pgd'`, the config's attack), the
-paper's recipe with a moving average of the weights, TRADES, fast AT and
-free AT, on the same model, data and seed, it prints one table:
+For the rows of `ROWS` (`--rows`, default all): the paper's recipe
+(`train.recipe='pgd'`) with the config's attack ('paper') and with the
+paper's own 30 PGD steps ('paper-30'), each also with a moving average of
+the weights ('+ema'), TRADES with the config's attack and with 1 or 2 KL
+steps ('trades-1', 'trades-2'), fast AT and free AT, on the same model,
+data and seed, it prints one table, every row also relative to
+`--baseline` (default the first row):
 
 * s/step: seconds per train step, from the training run's own throughput
   (the median of its logged intervals but the first, which compiles), or
   with `--cost_only` of a compiled step on one fixed batch (after a warm-up
-  call); and that relative to the paper's step. Free AT's step holds
+  call); and that relative to the baseline's step. Free AT's step holds
   `train.free_replays` optimizer updates; its run takes that many times
   fewer steps (`num_epochs / m`, Shafahi et al.), so its cost per EPOCH is
   the other column.
-* wall: seconds of the whole training run (compiling included), then clean
+* wall: seconds of the whole training run (compiling included) and that
+  relative to the baseline's, then clean
   accuracy, 100-step untargeted PGD accuracy, 100-step targeted (the
   paper's random-target) PGD accuracy and AutoAttack accuracy
   (`--autoattack`, default 'standard') of the evaluated weights (the moving
-  average for '+ema') on the eval split.
+  average for '+ema') on the eval split, and the AutoAttack accuracy's
+  difference from the baseline's in points.
 
 With `--synthetic` the data are random images of the config's shape (no
 download; accuracies meaningless, so use it with `--cost_only`). Each run's
@@ -50,12 +56,26 @@ from fdjax import train
 ROWS = {
   'paper': {},
   'paper+ema': {'train.ema_decay': 0.98},
+  # The paper's own attack length: 30 PGD steps, the step / epsilon ratio of
+  # its 1 / 16 (ImageNet: step 1, epsilon 16).
+  'paper-30': {'attack.num_steps': 30, 'attack.step_size': 'eps/16'},
+  'paper-30+ema': {
+    'attack.num_steps': 30,
+    'attack.step_size': 'eps/16',
+    'train.ema_decay': 0.9,
+  },
   'trades': {'train.recipe': 'trades'},
   # TRADES with 2 KL steps of eps / 2 instead of the config's attack.
   'trades-2': {
     'train.recipe': 'trades',
     'attack.num_steps': 2,
     'attack.step_size': 'eps/2',
+  },
+  # TRADES with one KL step of eps: a fast recipe's cost.
+  'trades-1': {
+    'train.recipe': 'trades',
+    'attack.num_steps': 1,
+    'attack.step_size': 'eps',
   },
   'fast': {'train.recipe': 'fast'},
   'free': {'train.recipe': 'free'},
@@ -92,8 +112,9 @@ def row_config(base, name: str, seed: int):
   config.seed = seed
   for key, value in ROWS[name].items():
     section, field = key.split('.')
-    if value == 'eps/2':
-      value = config.attack.epsilon / 2
+    if isinstance(value, str) and value.startswith('eps'):  # eps, eps/K
+      _, _, divisor = value.partition('/')
+      value = config.attack.epsilon / float(divisor or 1)
     config[section][field] = value
   tc = config.train
   if tc.ema_decay > 0:  # Average the last two thirds of the run.
@@ -218,6 +239,11 @@ def main():
   parser.add_argument('--cost_only', action='store_true')
   parser.add_argument('--json_out', default='')
   parser.add_argument(
+    '--baseline',
+    default='',
+    help='the row the others are compared with (default: the first)',
+  )
+  parser.add_argument(
     '--set',
     action='append',
     default=[],
@@ -260,14 +286,25 @@ def main():
     rows.append(row)
     print(json.dumps(row), flush=True)
 
-  paper = rows[0]['step_s']
+  names = [row['row'] for row in rows]
+  if args.baseline and args.baseline not in names:
+    raise SystemExit(
+      f'--baseline={args.baseline!r} is not valid; valid: one of the rows '
+      f'{names}.'
+    )
+  base_row = rows[names.index(args.baseline) if args.baseline else 0]
+  paper = base_row['step_s']
   print(
     f'\n{args.config}, seed {args.seed}, {jax.device_count()} '
     f'{jax.devices()[0].platform} devices\n'
   )
-  head = '| row | s/step | vs paper step | vs paper epoch |'
+  b = base_row['row']
+  head = f'| row | s/step | vs {b} step | vs {b} epoch |'
   if not args.cost_only:
-    head += ' wall s | clean | PGD-100 | targeted PGD-100 | AutoAttack |'
+    head += (
+      f' wall s | vs {b} wall | clean | PGD-100 | targeted PGD-100 '
+      f'| AutoAttack | vs {b} AutoAttack |'
+    )
   print(head)
   print('|' + '---|' * (head.count('|') - 1))
   for row in rows:
@@ -279,12 +316,16 @@ def main():
       f'| {per_epoch:.2f} |'
     )
     if not args.cost_only:
-      a = row['accuracy']
+      a, aa_base = row['accuracy'], base_row['accuracy'].get('autoattack')
+      aa_gain = None
+      if a.get('autoattack') is not None and aa_base is not None:
+        aa_gain = 100 * (a['autoattack'] - aa_base)
       line += (
-        f' {row["wall_s"]:.0f} | {_fmt(a.get("clean"), ".3f")} '
+        f' {row["wall_s"]:.0f} | {row["wall_s"] / base_row["wall_s"]:.2f} '
+        f'| {_fmt(a.get("clean"), ".3f")} '
         f'| {_fmt(a.get("untargeted_pgd_100"), ".3f")} '
         f'| {_fmt(a.get("targeted_pgd_100"), ".3f")} '
-        f'| {_fmt(a.get("autoattack"), ".3f")} |'
+        f'| {_fmt(a.get("autoattack"), ".3f")} | {_fmt(aa_gain, "+.1f")} pts |'
       )
     print(line)
   if args.json_out:

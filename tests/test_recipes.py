@@ -1,5 +1,6 @@
 """Tests of the training recipes: TRADES, fast and free AT, EMA, the guard."""
 
+import importlib.util
 import json
 import os
 
@@ -243,3 +244,47 @@ def test_collapse_guard_rolls_back_and_stops(tmp_path, monkeypatch):
   assert int(again.step) == expected
   chex.assert_trees_all_equal(again.params, jax.device_get(state.params))
   assert os.path.exists(tmp_path / 'guard_collapse.json')
+
+
+ROOT = os.path.join(os.path.dirname(__file__), '..')
+
+
+def _recipes_benchmark():
+  path = os.path.join(ROOT, 'benchmarks', 'recipes.py')
+  spec = importlib.util.spec_from_file_location('recipes_benchmark', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_recipes_benchmark_rows_resolve_to_valid_configs():
+  bench = _recipes_benchmark()
+  base = bench.load_config(os.path.join(ROOT, 'configs', 'default.py'))
+  eps = base.attack.epsilon
+  rows = {name: bench.row_config(base, name, 3) for name in bench.ROWS}
+  for name, config in rows.items():
+    config_base.validate(config)
+    assert config.seed == 3, name
+  # The paper's own attack: 30 steps of epsilon / 16.
+  assert rows['paper-30'].attack.num_steps == 30
+  assert rows['paper-30'].attack.step_size == pytest.approx(eps / 16)
+  assert rows['paper-30'].train.recipe == 'pgd'
+  assert rows['trades-1'].attack.step_size == pytest.approx(eps)
+  assert rows['trades-2'].attack.step_size == pytest.approx(eps / 2)
+  assert rows['trades-1'].train.label_smoothing == 0.0
+  # The average covers the run's last two thirds.
+  tc = rows['paper+ema'].train
+  steps_per_epoch = 1500 // tc.global_batch_size  # Digits' training split.
+  total = train.total_steps(tc, steps_per_epoch)
+  assert tc.ema_start_step == total // 3 > 0
+  # Free AT: num_epochs / m.
+  free = rows['free'].train
+  assert free.num_epochs == pytest.approx(
+    base.train.num_epochs / free.free_replays
+  )
+  # The base config is left as it was.
+  assert base.attack.num_steps == 5 and base.train.ema_decay == 0.0
+  with pytest.raises(SystemExit, match='attack.num_steps=10'):
+    bench.set_field(base, 'attack.num_stepz=3')
+  bench.set_field(base, 'attack.num_steps=7')
+  assert base.attack.num_steps == 7
