@@ -122,18 +122,39 @@ class CollapseGuard:
       return None
     self.collapse = recipes.find_collapse(self.history, self.max_drop)
     if self.collapse is None:
+      drop = recipes.find_instability(self.history, self.max_drop)
+      if drop is not None:
+        logging.warning(
+          'guard step %d: PGD accuracy %.3f and FGSM accuracy %.3f both '
+          'fell more than %.2f below their %.3f and %.3f at step %d: a '
+          'training instability, not catastrophic overfitting (which keeps '
+          'FGSM accuracy); no action.',
+          done,
+          drop['pgd'],
+          drop['fgsm'],
+          self.max_drop,
+          drop['best_pgd'],
+          drop['best_fgsm'],
+          drop['best_step'],
+        )
       return None
     c = self.collapse
+    if c['kind'] == 'drop':
+      why = (
+        f'PGD accuracy {c["pgd"]:.3f} fell more than {self.max_drop:.2f} '
+        f'below its best {c["best_pgd"]:.3f} (step {c["best_step"]}) while '
+        f'FGSM accuracy is {c["fgsm"]:.3f}'
+      )
+    else:
+      why = (
+        f'FGSM accuracy {c["fgsm"]:.3f} is above clean accuracy '
+        f'{c["clean"]:.3f} and more than {self.max_drop:.2f} above PGD '
+        f'accuracy {c["pgd"]:.3f}: the input gradient is masked'
+      )
     logging.error(
-      'CATASTROPHIC OVERFITTING at step %d: PGD accuracy %.3f fell more than '
-      '%.2f below its best %.3f (step %d) while FGSM accuracy is %.3f; '
-      'train.guard_action=%r.',
+      'CATASTROPHIC OVERFITTING at step %d: %s; train.guard_action=%r.',
       done,
-      c['pgd'],
-      self.max_drop,
-      c['best_pgd'],
-      c['best_step'],
-      c['fgsm'],
+      why,
       self.action,
     )
     return c

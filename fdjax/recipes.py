@@ -159,35 +159,106 @@ def guard_accuracies(
 
 def find_collapse(
   history: list[dict[str, float]], max_drop: float
-) -> dict[str, float] | None:
-  """The first guard check whose PGD accuracy fell ``max_drop`` below the best.
+) -> dict[str, Any] | None:
+  """The first guard check that shows catastrophic overfitting, in one of
+  its two forms ('kind'):
 
-  The threshold is absolute: catastrophic overfitting takes PGD accuracy to
-  about 0 within one epoch while FGSM accuracy rises (Wong et al. 2020,
-  whose early stopping stops on a 20-point drop), whereas ordinary noise of
-  a 128-example batch's accuracy is a few points (binomial, at most 4.4
-  points at accuracy 0.5), so the default 0.2 is several standard errors.
+  * ``'drop'``: PGD accuracy ``max_drop`` below its best earlier check
+    while FGSM accuracy has not fallen as far (not ``max_drop`` below its
+    value at that best check). Catastrophic overfitting takes PGD accuracy
+    to about 0 within one epoch while FGSM accuracy holds or rises (Wong et
+    al. 2020, whose early stopping stops on a 20-point drop). When FGSM
+    accuracy falls with PGD's, the model lost its robustness to both
+    attacks, a training instability (e.g. too high a learning rate early
+    on) that training recovers from, not the single-step attack's blind
+    spot: not a collapse (`find_instability`). A check without 'fgsm' is
+    judged by PGD accuracy alone.
+  * ``'masking'``: FGSM accuracy above clean accuracy and more than
+    ``max_drop`` above PGD accuracy. A perturbation that helps the
+    classifier means its input gradient no longer points to its errors
+    (gradient masking, the "label leaking" of single-step training,
+    Kurakin et al. 2017), and the multi-step attack still breaks it: a run
+    that overfits catastrophically from its start never has robustness to
+    lose, and only this form shows it. A healthy model's FGSM accuracy is
+    below its clean accuracy. Checks without 'clean' and 'fgsm' skip it.
+
+  The threshold is absolute: ordinary noise of a 128-example batch's
+  accuracy is a few points (binomial, at most 4.4 points at accuracy 0.5),
+  so the default 0.2 is several standard errors.
 
   Args:
     history: guard checks in step order, each with 'step' and 'pgd' (and
       'fgsm', 'clean').
-    max_drop: the drop below the best earlier PGD accuracy that counts as a
-      collapse.
+    max_drop: the drop below the best earlier PGD accuracy, and the FGSM
+      accuracy's excess over PGD's, that count as a collapse.
 
   Returns:
-    The check at which the collapse shows, with 'best_pgd' and 'best_step'
-    added, or None.
+    The check at which the collapse shows, with 'kind', 'best_pgd' and
+    'best_step' added (for 'masking', the best PGD check up to it), or
+    None.
 
   Examples:
-    >>> h = [dict(step=10, pgd=0.4), dict(step=20, pgd=0.5),
-    ...      dict(step=30, pgd=0.05)]
-    >>> find_collapse(h, 0.2)['step'], find_collapse(h[:2], 0.2)
-    (30, None)
+    >>> h = [dict(step=10, pgd=0.4, fgsm=0.5), dict(step=20, pgd=0.5,
+    ...      fgsm=0.6), dict(step=30, pgd=0.05, fgsm=0.7)]
+    >>> find_collapse(h, 0.2)['kind'], find_collapse(h[:2], 0.2)
+    ('drop', None)
+    >>> h[2]['fgsm'] = 0.1  # Both attacks' accuracy fell: an instability.
+    >>> print(find_collapse(h, 0.2))
+    None
+    >>> find_collapse([dict(step=5, clean=0.3, fgsm=0.45, pgd=0.02)], 0.2)[
+    ...     'kind']
+    'masking'
   """
   best = None
   for check in history:
-    if best is not None and check['pgd'] < best['pgd'] - max_drop:
-      return dict(check, best_pgd=best['pgd'], best_step=best['step'])
+    kind = None
+    if (
+      best is not None
+      and check['pgd'] < best['pgd'] - max_drop
+      and not _fgsm_fell(check, best, max_drop)
+    ):
+      kind = 'drop'
     if best is None or check['pgd'] >= best['pgd']:
       best = check
+    if kind is None and _masked(check, max_drop):
+      kind = 'masking'
+    if kind is not None:
+      return dict(
+        check, kind=kind, best_pgd=best['pgd'], best_step=best['step']
+      )
+  return None
+
+
+def _masked(check, max_drop) -> bool:
+  if 'fgsm' not in check or 'clean' not in check:
+    return False
+  return (
+    check['fgsm'] > check['clean'] and check['fgsm'] - check['pgd'] > max_drop
+  )
+
+
+def _fgsm_fell(check, best, max_drop) -> bool:
+  if 'fgsm' not in check or 'fgsm' not in best:
+    return False
+  return check['fgsm'] < best['fgsm'] - max_drop
+
+
+def find_instability(
+  history: list[dict[str, float]], max_drop: float
+) -> dict[str, float] | None:
+  """The last check, if its PGD and FGSM accuracies both fell ``max_drop``
+  below those of the best earlier PGD check (a training instability, not
+  `find_collapse`'s 'drop'),
+  with 'best_pgd', 'best_fgsm' and 'best_step' added; else None."""
+  if len(history) < 2:
+    return None
+  best = max(reversed(history[:-1]), key=lambda h: h['pgd'])  # Latest.
+  last = history[-1]
+  if last['pgd'] < best['pgd'] - max_drop and _fgsm_fell(last, best, max_drop):
+    return dict(
+      last,
+      best_pgd=best['pgd'],
+      best_fgsm=best['fgsm'],
+      best_step=best['step'],
+    )
   return None

@@ -140,6 +140,63 @@ def test_free_update_and_ema_match_numpy():
     np.testing.assert_allclose(out['w'], expected, rtol=1e-6)
 
 
+def test_a_drop_of_both_attacks_accuracy_is_an_instability_not_a_collapse():
+  # As in a real digits run of FGSM training from the clean image (eps
+  # 0.1): PGD accuracy fell 0.23 below its best early on, FGSM accuracy
+  # with it (clean accuracy too), and both recovered.
+  history = [
+    dict(step=80, clean=0.75, fgsm=0.461, pgd=0.367),
+    dict(step=100, clean=0.875, fgsm=0.43, pgd=0.359),
+    dict(step=110, clean=0.633, fgsm=0.156, pgd=0.141),
+  ]
+  assert recipes.find_collapse(history, 0.2) is None
+  drop = recipes.find_instability(history, 0.2)
+  assert (drop['step'], drop['best_step'], drop['best_fgsm']) == (
+    110,
+    80,
+    0.461,
+  )
+  assert recipes.find_instability(history[:2], 0.2) is None
+  # FGSM accuracy held (fell less than 0.2): a collapse.
+  history[2]['fgsm'] = 0.3
+  assert recipes.find_collapse(history, 0.2)['step'] == 110
+  assert recipes.find_instability(history, 0.2) is None
+
+
+def _recorded_guard(eps):
+  """guard.jsonl of a real 30-epoch digits run of FGSM training from the
+  clean image (no random start, step = epsilon; 2 CPU devices):
+
+    python -m fdjax.main --config=configs/default.py --workdir=W \\
+      --config.attack.num_steps=1 --config.attack.targeted=False \\
+      --config.attack.clean_start_prob=1.0 --config.attack.step_size=EPS \\
+      --config.attack.epsilon=EPS --config.train.guard_every_steps=10
+  """
+  path = os.path.join(
+    ROOT, 'tests', 'data', f'guard_fgsm_from_clean_eps{eps}.jsonl'
+  )
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_guard_on_real_runs_flags_the_masked_one_only():
+  # Epsilon 0.2: overfit from the start. PGD accuracy never rose (at most
+  # 0.055), so it had nothing to drop from; FGSM accuracy climbed above
+  # clean accuracy (0.59 against 0.32 at the end): masked gradients.
+  masked = recipes.find_collapse(_recorded_guard('0.2'), 0.2)
+  assert masked['kind'] == 'masking' and masked['step'] == 80
+  assert masked['fgsm'] > masked['clean'] and masked['pgd'] < 0.05
+  # Epsilon 0.1: a healthy run (PGD accuracy 0.73 at the end) with an early
+  # instability at steps 110-120 that a PGD-only rule called a collapse.
+  healthy = _recorded_guard('0.1')
+  assert recipes.find_collapse(healthy, 0.2) is None
+  assert healthy[-1]['pgd'] > 0.7
+  steps = [
+    recipes.find_instability(healthy[:i], 0.2) for i in range(len(healthy) + 1)
+  ]
+  assert [d['step'] for d in steps if d] == [110, 120]
+
+
 def test_find_collapse_uses_the_best_earlier_check():
   history = [
     dict(step=2, pgd=0.3),
@@ -199,14 +256,15 @@ def test_free_at_with_ema_does_not_depend_on_the_device_count():
   assert 0 < max(jax.tree.leaves(diff))
 
 
-def _inject_pgd_accuracies(monkeypatch, values):
-  """Measures for real, then reports the given PGD accuracies in turn."""
-  real, values = guard_lib.CollapseGuard.measure, iter(values)
+def _inject_accuracies(monkeypatch, pgd, fgsm):
+  """Measures for real, then reports the given PGD and FGSM accuracies in
+  turn."""
+  real, pgd, fgsm = guard_lib.CollapseGuard.measure, iter(pgd), iter(fgsm)
 
   def measure(self, state):
     acc = real(self, state)
     assert set(acc) == {'clean', 'fgsm', 'pgd'}
-    return dict(acc, pgd=next(values))
+    return dict(acc, pgd=next(pgd), fgsm=next(fgsm))
 
   monkeypatch.setattr(guard_lib.CollapseGuard, 'measure', measure)
 
@@ -214,8 +272,11 @@ def _inject_pgd_accuracies(monkeypatch, values):
 def test_collapse_guard_rolls_back_and_stops(tmp_path, monkeypatch):
   action = 'rollback'  # ('stop' is the same path without the restore.)
   # TRADES (its train step runs here); the guard checks every step and sees
-  # PGD accuracy collapse at step 3 (0.6 -> 0.05, beyond the 0.2 allowed).
-  _inject_pgd_accuracies(monkeypatch, [0.5, 0.6, 0.05, 0.0, 0.0])
+  # PGD accuracy collapse at step 3 (0.6 -> 0.05, beyond the 0.2 allowed)
+  # while FGSM accuracy rises, as in catastrophic overfitting.
+  _inject_accuracies(
+    monkeypatch, [0.5, 0.6, 0.05, 0.0, 0.0], [0.6, 0.7, 0.8, 0.9, 0.9]
+  )
   config = test_train.tiny_config(**{
     'train.recipe': 'trades', 'train.num_steps': 5,
     'train.guard_every_steps': 1, 'train.guard_num_examples': 8,
