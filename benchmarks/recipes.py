@@ -269,8 +269,21 @@ def main():
   cost_source = train_source
   if args.cost_only and cost_source is None:
     cost_source = data.get_source(base.data, base.data.train_split)
+  # Bad names fail here, before any row trains.
+  names = args.rows.split(',')
+  unknown = [n for n in names if n not in ROWS]
+  if unknown:
+    raise SystemExit(
+      f'--rows: {unknown} not valid; valid: a comma-separated list of '
+      f'{list(ROWS)}.'
+    )
+  if args.baseline and args.baseline not in names:
+    raise SystemExit(
+      f'--baseline={args.baseline!r} is not valid; valid: one of --rows '
+      f'{names}.'
+    )
   rows = []
-  for name in args.rows.split(','):
+  for name in names:
     config = row_config(base, name, args.seed)
     config_base.validate(config)
     row = {'row': name, 'recipe': config.train.recipe}
@@ -286,14 +299,8 @@ def main():
     rows.append(row)
     print(json.dumps(row), flush=True)
 
-  names = [row['row'] for row in rows]
-  if args.baseline and args.baseline not in names:
-    raise SystemExit(
-      f'--baseline={args.baseline!r} is not valid; valid: one of the rows '
-      f'{names}.'
-    )
   base_row = rows[names.index(args.baseline) if args.baseline else 0]
-  paper = base_row['step_s']
+  base_step = base_row['step_s']
   print(
     f'\n{args.config}, seed {args.seed}, {jax.device_count()} '
     f'{jax.devices()[0].platform} devices\n'
@@ -308,11 +315,11 @@ def main():
   print(head)
   print('|' + '---|' * (head.count('|') - 1))
   for row in rows:
-    per_epoch = row['step_s'] / paper
+    per_epoch = row['step_s'] / base_step
     if row['recipe'] == 'free':
       per_epoch /= row['updates_per_step']
     line = (
-      f'| {row["row"]} | {row["step_s"]:.3f} | {row["step_s"] / paper:.2f} '
+      f'| {row["row"]} | {row["step_s"]:.3f} | {row["step_s"] / base_step:.2f} '
       f'| {per_epoch:.2f} |'
     )
     if not args.cost_only:

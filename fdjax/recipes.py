@@ -211,36 +211,14 @@ def find_collapse(
   """
   best = None
   for check in history:
-    kind = None
-    if (
-      best is not None
-      and check['pgd'] < best['pgd'] - max_drop
-      and not _fgsm_fell(check, best, max_drop)
-    ):
-      kind = 'drop'
+    kind = _judge(check, best, max_drop)
     if best is None or check['pgd'] >= best['pgd']:
       best = check
-    if kind is None and _masked(check, max_drop):
-      kind = 'masking'
-    if kind is not None:
+    if kind in ('drop', 'masking'):
       return dict(
         check, kind=kind, best_pgd=best['pgd'], best_step=best['step']
       )
   return None
-
-
-def _masked(check, max_drop) -> bool:
-  if 'fgsm' not in check or 'clean' not in check:
-    return False
-  return (
-    check['fgsm'] > check['clean'] and check['fgsm'] - check['pgd'] > max_drop
-  )
-
-
-def _fgsm_fell(check, best, max_drop) -> bool:
-  if 'fgsm' not in check or 'fgsm' not in best:
-    return False
-  return check['fgsm'] < best['fgsm'] - max_drop
 
 
 def find_instability(
@@ -248,17 +226,37 @@ def find_instability(
 ) -> dict[str, float] | None:
   """The last check, if its PGD and FGSM accuracies both fell ``max_drop``
   below those of the best earlier PGD check (a training instability, not
-  `find_collapse`'s 'drop'),
-  with 'best_pgd', 'best_fgsm' and 'best_step' added; else None."""
+  `find_collapse`'s 'drop'), with 'best_pgd', 'best_fgsm' and 'best_step'
+  added; else None."""
   if len(history) < 2:
     return None
-  best = max(reversed(history[:-1]), key=lambda h: h['pgd'])  # Latest.
+  best = max(reversed(history[:-1]), key=lambda h: h['pgd'])  # The latest.
   last = history[-1]
-  if last['pgd'] < best['pgd'] - max_drop and _fgsm_fell(last, best, max_drop):
-    return dict(
-      last,
-      best_pgd=best['pgd'],
-      best_fgsm=best['fgsm'],
-      best_step=best['step'],
-    )
-  return None
+  if _judge(last, best, max_drop) != 'instability':
+    return None
+  return dict(
+    last, best_pgd=best['pgd'], best_fgsm=best['fgsm'], best_step=best['step']
+  )
+
+
+def _judge(check, best, max_drop) -> str | None:
+  """A guard check against the best earlier PGD check (None if none):
+  'drop' (PGD accuracy fell, FGSM's held), else 'masking', else
+  'instability' (PGD and FGSM accuracy both fell), else None."""
+  pgd_fell = best is not None and check['pgd'] < best['pgd'] - max_drop
+  fgsm_fell = (
+    pgd_fell
+    and 'fgsm' in check
+    and 'fgsm' in best
+    and check['fgsm'] < best['fgsm'] - max_drop
+  )
+  if pgd_fell and not fgsm_fell:
+    return 'drop'
+  if (
+    'fgsm' in check
+    and 'clean' in check
+    and check['fgsm'] > check['clean']
+    and check['fgsm'] - check['pgd'] > max_drop
+  ):
+    return 'masking'
+  return 'instability' if fgsm_fell else None

@@ -19,6 +19,8 @@ from fdjax import recipes
 from fdjax import train
 from tests import test_train
 
+ROOT = os.path.join(os.path.dirname(__file__), '..')
+
 
 def _np_log_softmax(z):
   z = z - z.max(-1, keepdims=True)
@@ -307,9 +309,6 @@ def test_collapse_guard_rolls_back_and_stops(tmp_path, monkeypatch):
   assert os.path.exists(tmp_path / 'guard_collapse.json')
 
 
-ROOT = os.path.join(os.path.dirname(__file__), '..')
-
-
 def _recipes_benchmark():
   path = os.path.join(ROOT, 'benchmarks', 'recipes.py')
   spec = importlib.util.spec_from_file_location('recipes_benchmark', path)
@@ -349,3 +348,16 @@ def test_recipes_benchmark_rows_resolve_to_valid_configs():
     bench.set_field(base, 'attack.num_stepz=3')
   bench.set_field(base, 'attack.num_steps=7')
   assert base.attack.num_steps == 7
+
+
+def test_recipes_benchmark_rejects_bad_rows_before_training(monkeypatch):
+  bench = _recipes_benchmark()
+  for argv, message in (
+    (['--rows=paper,bogus'], r"--rows: \['bogus'\] not valid"),
+    (['--rows=paper,fast', '--baseline=paper-30'], 'one of --rows'),
+  ):
+    config = '--config=' + os.path.join(ROOT, 'configs', 'default.py')
+    monkeypatch.setattr('sys.argv', ['recipes.py', config, *argv])
+    monkeypatch.setattr(bench.train, 'train', None)  # Never reached.
+    with pytest.raises(SystemExit, match=message):
+      bench.main()
